@@ -1,0 +1,106 @@
+"""The feature cloud (paper Section 3.4): which classes get one, and how wide it is.
+
+A sample of class y with angular variance sigma_y^2 below the reference variance gets an angle
+perturbation alpha ~ N(0, sigma_ref^2 - sigma_y^2) added to its angles in the margin logits
+(Eq. 7, Eq. 8). The reference variance is
+
+* vanilla (Eq. 6): sigma_h^2, the mean variance of the head classes, K_i > T;
+* full (Eq. 9): sigma^2 = sum_i (K_i - 1) sigma_i^2 / sum_i (K_i - 1), and every class with
+  sigma_i^2 < sigma^2 gets a cloud (no head/tail threshold).
+
+Classes whose variance is not known yet (fewer than 2 angles in memory) take no part: they are
+left out of the reference and get no cloud.
+"""
+import torch
+
+from .stats import AngularStats
+
+__all__ = ["FeatureCloud"]
+
+VERSIONS = ("full", "vanilla")
+
+
+class FeatureCloud:
+    """Reference variance and alpha sampling for the feature cloud.
+
+    Args:
+        version: "full" (Eq. 9, default) or "vanilla" (Eq. 6 with a head/tail threshold).
+        head_threshold: T for the vanilla version: a class with K_i > T images is a head class
+            (never gets a cloud, and defines sigma_h^2). Required for "vanilla", unused for "full".
+        alpha_per_logit: draw one alpha per (sample, class logit) -- the paper's
+            "alpha_x in R^{1 x C}" -- (True, default) or one alpha per sample shared by all its
+            logits (False).
+    """
+
+    def __init__(self, version: str = "full", head_threshold=None, alpha_per_logit: bool = True):
+        if version not in VERSIONS:
+            raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+        if version == "vanilla":
+            if head_threshold is None:
+                raise ValueError("head_threshold (T) is required for version='vanilla': a class with "
+                                 "more than T images is a head class (paper Section 3.4)")
+            if int(head_threshold) != head_threshold or head_threshold < 0:
+                raise ValueError(f"head_threshold must be a non-negative integer, got {head_threshold}")
+        self.version = version
+        self.head_threshold = None if head_threshold is None else int(head_threshold)
+        self.alpha_per_logit = bool(alpha_per_logit)
+
+    def __repr__(self):
+        return (f"FeatureCloud(version={self.version!r}, head_threshold={self.head_threshold}, "
+                f"alpha_per_logit={self.alpha_per_logit})")
+
+    def is_head(self, class_counts: torch.Tensor) -> torch.Tensor:
+        """[C] bool: head classes by the vanilla threshold (all False for the full version)."""
+        if self.version == "vanilla":
+            return class_counts > self.head_threshold
+        return torch.zeros_like(class_counts, dtype=torch.bool)
+
+    def reference_var_from(self, var: torch.Tensor, class_counts: torch.Tensor) -> torch.Tensor:
+        """Reference variance from per-class variances [C] (NaN = unknown) and counts K_i [C].
+
+        Returns a 0-dim float32 tensor: sigma_h^2 (vanilla, Eq. 6) or sigma^2 (full, Eq. 9);
+        NaN while no class qualifies.
+        """
+        known = ~torch.isnan(var)
+        if self.version == "vanilla":
+            weight = (known & self.is_head(class_counts)).float()
+        else:
+            weight = torch.where(known, (class_counts - 1).float(), torch.zeros_like(var))
+        total = weight.sum()
+        return torch.where(known, var, torch.zeros_like(var)).mul(weight).sum() / total
+
+    def reference_var(self, stats: AngularStats) -> torch.Tensor:
+        """sigma_h^2 (vanilla, Eq. 6) or sigma^2 (full, Eq. 9) of the tracked statistics."""
+        return self.reference_var_from(stats.var, stats.class_counts)
+
+    def std_from(self, var: torch.Tensor, class_counts: torch.Tensor, labels: torch.Tensor):
+        """[B] cloud std sqrt(max(sigma_ref^2 - sigma_y^2, 0)); 0 for head, unknown or -1 labels."""
+        ref = self.reference_var_from(var, class_counts)
+        safe = labels.clamp(min=0)
+        var_y = var[safe]
+        gap = (ref - var_y).clamp(min=0)
+        eligible = (labels >= 0) & ~torch.isnan(gap) & ~self.is_head(class_counts)[safe]
+        return torch.where(eligible, gap, torch.zeros_like(gap)).sqrt()
+
+    def std(self, stats: AngularStats, labels: torch.Tensor) -> torch.Tensor:
+        """[B] cloud std of each sample's class (Section 3.4); 0 where the class gets no cloud."""
+        return self.std_from(stats.var, stats.class_counts, labels.to(stats.var.device))
+
+    def sample_from_std(self, std: torch.Tensor, num_logits: int, generator=None) -> torch.Tensor:
+        """alpha ~ N(0, std^2): [B, num_logits] if alpha_per_logit else [B, 1]."""
+        cols = num_logits if self.alpha_per_logit else 1
+        noise = torch.randn(std.shape[0], cols, device=std.device, generator=generator)
+        return noise * std[:, None]
+
+    def sample(self, stats: AngularStats, labels: torch.Tensor, generator=None,
+               num_logits=None) -> torch.Tensor:
+        """Draw alpha for a mini-batch: [B, C] (per logit) or [B, 1] (per sample).
+
+        Args:
+            stats: the tracked angular statistics.
+            labels: [B] class of each sample (-1: no cloud).
+            generator: optional torch.Generator for reproducible draws.
+            num_logits: number of logit columns (default: stats.num_classes).
+        """
+        num_logits = stats.num_classes if num_logits is None else num_logits
+        return self.sample_from_std(self.std(stats, labels), num_logits, generator)

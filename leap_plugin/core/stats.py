@@ -1,0 +1,247 @@
+"""Per-class angular statistics: EMA class centres and the angle memory (paper Section 3.3).
+
+For every class i the tracker keeps
+
+* the centre c_i, an EMA of the mini-batch mean of the (l2-normalised) features, Eq. 4:
+  ``c_i <- (1 - gamma) * batch_mean_i + gamma * c_i`` (the first sighting takes the batch mean);
+* the angles beta_{i,k} = arccos(f . c_i / (|f| |c_i|)) between each feature and its centre,
+  Eq. 3, in an angle memory of S_i = K_i * P slots, Eq. 5 (a ring buffer: the newest angle
+  overwrites the oldest);
+* from that memory, the angular mean mu_i and the (unbiased) variance sigma_i^2 that Section 3.4
+  and Eq. 6 / Eq. 9 consume.
+
+All memories live in one flat buffer with per-class offsets; an update is a handful of
+sort/scatter/gather ops on B-sized tensors, with no Python loop over classes or samples and no
+host-device synchronisation. The mean and variance come from running float64 sums over the
+memory contents, which the update keeps exact by adding each new angle and subtracting the one it
+overwrites.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["AngularStats"]
+
+
+def require(ok: torch.Tensor, message) -> None:
+    """Raise ValueError(message()) unless the boolean tensor ``ok`` holds.
+
+    On CUDA the check is asynchronous (``torch._assert_async``): it costs no host-device sync on
+    the training path and fails the next synchronising call with the same message.
+    """
+    if ok.is_cuda:
+        torch._assert_async(ok, message())
+    elif not bool(ok):
+        raise ValueError(message())
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, name: str = "labels") -> None:
+    """Raise a ValueError unless every label is -1 (ignored) or in [0, num_classes)."""
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got {labels.dtype}")
+    if labels.numel():
+        require((labels >= -1).all() & (labels < num_classes).all(),
+                lambda: f"{name} must lie in [0, {num_classes}) or be -1 (ignored), got values in "
+                        f"[{int(labels.min())}, {int(labels.max())}]")
+
+
+def unit_angle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise angle arccos(a . b) between unit vectors (Eq. 3), accurate to float32 rounding.
+
+    Evaluated as 2 * atan2(|a - b|, |a + b|), which equals arccos(a . b) for unit vectors but
+    keeps full precision near 0 and pi, where float32 arccos(clamp(a . b)) is off by up to
+    sqrt(2 * eps) = 3.5e-4 rad (a single-image class would get a spurious angle of that size).
+    """
+    return 2 * torch.atan2((a - b).norm(dim=1), (a + b).norm(dim=1))
+
+
+def _check_features(features: torch.Tensor, labels: torch.Tensor, feat_dim: int) -> None:
+    if features.dim() != 2 or features.shape[1] != feat_dim:
+        raise ValueError(f"features must have shape [B, {feat_dim}], got {tuple(features.shape)}")
+    if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"labels must have shape [B] with B = features.shape[0] = {features.shape[0]}, "
+            f"got {tuple(labels.shape)}")
+    require(torch.isfinite(features).all(),
+            lambda: "features contain NaN or inf: the angle to a class centre is undefined "
+                    "(check the learning rate / mixed-precision overflow upstream)")
+
+
+class AngularStats(nn.Module):
+    """EMA class centres (Eq. 4), angle memory (Eq. 3, Eq. 5) and per-class angular mean/variance.
+
+    Args:
+        class_counts: K_i, the number of training images of each class (LongTensor [C], all > 0).
+        feat_dim: D, the dimension of the features the classifier sees.
+        memory_factor: P in Eq. 5; class i remembers its last K_i * P angles.
+        center_rate: gamma in Eq. 4, the weight of the previous centre, in [0, 1).
+        sync: when torch.distributed is initialised, gather features and labels from every rank
+            before the update so that all ranks hold identical statistics (data parallel).
+
+    Every tensor of the state is a buffer, so it is saved and restored with the host's checkpoint.
+    """
+
+    def __init__(self, class_counts, feat_dim: int, memory_factor: int = 1, center_rate: float = 0.1,
+                 sync: bool = True):
+        super().__init__()
+        counts = torch.as_tensor(class_counts)
+        if counts.dim() != 1 or counts.numel() == 0 or counts.dtype.is_floating_point:
+            raise ValueError(f"class_counts must be a non-empty 1-D integer tensor of K_i, "
+                             f"got dtype {counts.dtype} and shape {tuple(counts.shape)}")
+        if (counts <= 0).any():
+            bad = torch.nonzero(counts <= 0).flatten()[:5].tolist()
+            raise ValueError(f"class_counts must be positive (every class needs >= 1 image); "
+                             f"classes {bad} have count <= 0")
+        if int(feat_dim) < 1:
+            raise ValueError(f"feat_dim must be >= 1, got {feat_dim}")
+        if int(memory_factor) != memory_factor or memory_factor < 1:
+            raise ValueError(f"memory_factor (P in Eq. 5) must be an integer >= 1, got {memory_factor}")
+        if not 0.0 <= float(center_rate) < 1.0:
+            raise ValueError(f"center_rate (gamma in Eq. 4) must lie in [0, 1), got {center_rate}")
+        counts = counts.long()
+        num_classes = counts.numel()
+        self.feat_dim = int(feat_dim)
+        self.memory_factor = int(memory_factor)
+        self.center_rate = float(center_rate)
+        self.sync = sync
+
+        sizes = counts * self.memory_factor
+        offsets = torch.cumsum(sizes, 0) - sizes
+        self.register_buffer("class_counts", counts)
+        # derived from class_counts and P: not saved, rebuilt on construction
+        self.register_buffer("memory_size", sizes, persistent=False)
+        self.register_buffer("memory_offset", offsets, persistent=False)
+        self.register_buffer("centers", torch.zeros(num_classes, self.feat_dim))
+        # one flat angle memory; the extra last slot is a scratch slot for ignored writes
+        self.register_buffer("memory", torch.zeros(int(sizes.sum()) + 1))
+        self.register_buffer("num_written", torch.zeros(num_classes, dtype=torch.long))
+        self.register_buffer("angle_sum", torch.zeros(num_classes, dtype=torch.float64))
+        self.register_buffer("angle_sq_sum", torch.zeros(num_classes, dtype=torch.float64))
+
+    @property
+    def num_classes(self) -> int:
+        return self.class_counts.numel()
+
+    @property
+    def num_angles(self) -> torch.Tensor:
+        """[C] how many angles the memory of each class holds now (at most K_i * P)."""
+        return torch.minimum(self.num_written, self.memory_size)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """[C] angular mean mu_i of the angle memory; NaN for a class with fewer than 2 angles."""
+        n = self.num_angles.double()
+        mean = self.angle_sum / n
+        return torch.where(n >= 2, mean, torch.full_like(mean, math.nan)).float()
+
+    @property
+    def var(self) -> torch.Tensor:
+        """[C] unbiased angular variance sigma_i^2 of the angle memory; NaN below 2 angles."""
+        n = self.num_angles.double()
+        var = (self.angle_sq_sum - self.angle_sum.square() / n) / (n - 1)
+        return torch.where(n >= 2, var.clamp(min=0), torch.full_like(var, math.nan)).float()
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, feat_dim={self.feat_dim}, "
+                f"memory_factor={self.memory_factor}, center_rate={self.center_rate}, "
+                f"memory_slots={self.memory.numel() - 1}")
+
+    def _gather(self, features, labels):
+        """All ranks' features and labels, so every rank makes the same update (data parallel)."""
+        if not (self.sync and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
+            return features, labels
+        world = dist.get_world_size()
+        size = torch.tensor([features.shape[0]], device=features.device)
+        sizes = [torch.zeros_like(size) for _ in range(world)]
+        dist.all_gather(sizes, size)
+        longest = int(max(s.item() for s in sizes))
+        pad = longest - features.shape[0]
+        feats = torch.cat([features, features.new_zeros(pad, features.shape[1])])
+        labs = torch.cat([labels, labels.new_full((pad,), -1)])
+        all_feats = [torch.empty_like(feats) for _ in range(world)]
+        all_labs = [torch.empty_like(labs) for _ in range(world)]
+        dist.all_gather(all_feats, feats)
+        dist.all_gather(all_labs, labs)
+        return torch.cat(all_feats), torch.cat(all_labs)
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Update centres (Eq. 4) and angle memory (Eq. 3, 5) with a mini-batch.
+
+        Args:
+            features: [B, D] features (any float dtype; computed in float32, not differentiated).
+            labels: [B] class indices; -1 marks a sample to ignore.
+
+        Returns:
+            [B] float32 angles between each feature and its updated class centre (NaN for -1).
+            Under data-parallel sync, the angles of this rank's samples only.
+        """
+        _check_features(features, labels, self.feat_dim)
+        check_labels(labels, self.num_classes)
+        local_batch = features.shape[0]
+        features, labels = self._gather(features, labels)
+        feats = nn.functional.normalize(features.detach().float(), dim=1)
+        labels = labels.to(self.centers.device)
+        feats = feats.to(self.centers.device)
+        batch = labels.shape[0]
+        valid = labels >= 0
+        safe = labels.clamp(min=0)
+
+        # group the batch by class without a dynamic shape: sort, then one group per run
+        key = torch.where(valid, safe, torch.full_like(safe, self.num_classes))
+        order = torch.sort(key, stable=True).indices
+        sorted_key = key[order]
+        starts = torch.ones(batch, dtype=torch.bool, device=labels.device)
+        starts[1:] = sorted_key[1:] != sorted_key[:-1]
+        group_of_sorted = torch.cumsum(starts.long(), 0) - 1
+        group = torch.empty_like(group_of_sorted).scatter_(0, order, group_of_sorted)  # [B]
+        first = torch.cummax(torch.where(starts, torch.arange(batch, device=labels.device),
+                                         torch.zeros_like(group_of_sorted)), 0).values
+        rank_sorted = torch.arange(batch, device=labels.device) - first  # position in its class
+        rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
+
+        weight = valid.float()
+        group_sum = torch.zeros(batch, self.feat_dim, device=feats.device).index_add_(
+            0, group, feats * weight[:, None])
+        group_count = torch.zeros(batch, device=feats.device).index_add_(0, group, weight)
+        group_label = torch.zeros(batch, dtype=torch.long, device=labels.device).scatter_(
+            0, group, safe)
+        present = group_count > 0
+
+        # Eq. 4: c <- (1 - gamma) * batch mean + gamma * c; the first sighting takes the batch mean
+        batch_mean = group_sum / group_count.clamp(min=1)[:, None]
+        old = self.centers[group_label]
+        seen = self.num_written[group_label] > 0
+        new = torch.where(seen[:, None], (1 - self.center_rate) * batch_mean + self.center_rate * old,
+                          batch_mean)
+        delta = torch.where(present[:, None], new - old, torch.zeros_like(old))
+        self.centers.index_put_((group_label,), delta, accumulate=True)
+
+        # Eq. 3: angle to the updated centre in float32
+        angles = unit_angle(feats, nn.functional.normalize(self.centers[safe], dim=1))
+        angles = torch.where(valid, angles, torch.full_like(angles, math.nan))
+
+        # Eq. 5: ring-buffer write; when a batch holds more than S_i samples of a class only the
+        # last S_i are kept (as a sequential write would leave them), the rest go to scratch.
+        # A slot never written holds 0, so subtracting the overwritten value is always right.
+        in_batch = group_count[group].long()
+        size = self.memory_size[safe]
+        keep = valid & (rank >= in_batch - size)
+        slot = self.memory_offset[safe] + (self.num_written[safe] + rank) % size
+        scratch = self.memory.numel() - 1
+        slot = torch.where(keep, slot, torch.full_like(slot, scratch))
+        stored = torch.where(keep, angles, torch.zeros_like(angles)).double()
+        overwritten = self.memory[slot].double()
+        self.memory.index_put_((slot,), stored.float())
+        self.memory[scratch] = 0
+        self.angle_sum.index_add_(0, safe, stored - overwritten)
+        self.angle_sq_sum.index_add_(0, safe, stored.square() - overwritten.square())
+        self.num_written.index_add_(0, safe, valid.long())
+        if angles.shape[0] != local_batch:  # data-parallel sync: return this rank's part
+            rank_id = dist.get_rank()
+            longest = angles.shape[0] // dist.get_world_size()
+            angles = angles[rank_id * longest: rank_id * longest + local_batch]
+        return angles

@@ -1,0 +1,94 @@
+"""FeatureCloud: reference variance (Eq. 6, Eq. 9), who gets a cloud, and alpha's spread."""
+import math
+
+import pytest
+import torch
+
+from leap_plugin.core import AngularStats, FeatureCloud
+
+NAN = math.nan
+
+
+def test_vanilla_reference_is_mean_head_variance_eq6():
+    var = torch.tensor([0.40, 0.20, 0.10, NAN, 0.05])
+    counts = torch.tensor([30, 25, 4, 40, 3])
+    cloud = FeatureCloud("vanilla", head_threshold=10)
+    # head classes: 0, 1, 3 (K > 10); class 3 has no variance yet and is left out, not zero
+    assert cloud.reference_var_from(var, counts).item() == pytest.approx((0.40 + 0.20) / 2)
+
+
+def test_full_reference_is_count_weighted_eq9():
+    var = torch.tensor([0.40, 0.20, 0.10, NAN, 0.05])
+    counts = torch.tensor([30, 25, 4, 40, 3])
+    want = (29 * 0.40 + 24 * 0.20 + 3 * 0.10 + 2 * 0.05) / (29 + 24 + 3 + 2)
+    assert FeatureCloud("full").reference_var_from(var, counts).item() == pytest.approx(want)
+
+
+def test_reference_is_nan_while_nothing_is_known():
+    var = torch.full((3,), NAN)
+    assert math.isnan(FeatureCloud("full").reference_var_from(var, torch.tensor([3, 4, 5])).item())
+    std = FeatureCloud("full").std_from(var, torch.tensor([3, 4, 5]), torch.tensor([0, 1, 2]))
+    assert torch.equal(std, torch.zeros(3))
+
+
+def test_std_per_version():
+    var = torch.tensor([0.40, 0.20, 0.10, NAN, 0.05])
+    counts = torch.tensor([30, 25, 4, 40, 3])
+    labels = torch.tensor([0, 1, 2, 3, 4, -1])
+    van = FeatureCloud("vanilla", head_threshold=10).std_from(var, counts, labels)
+    ref = 0.30
+    want = torch.tensor([0, 0, math.sqrt(ref - 0.10), 0, math.sqrt(ref - 0.05), 0])
+    torch.testing.assert_close(van, want.float())
+    full = FeatureCloud("full")
+    ref_f = full.reference_var_from(var, counts).item()
+    got = full.std_from(var, counts, labels)
+    want = [0.0 if v != v or v >= ref_f else math.sqrt(ref_f - v) for v in [0.40, 0.20, 0.10, NAN, 0.05]]
+    torch.testing.assert_close(got, torch.tensor(want + [0.0]))
+    assert got[0] == 0 and got[1] > 0  # full version: any class below sigma^2 gets a cloud
+
+
+def test_std_from_tracked_stats():
+    stats = AngularStats(torch.tensor([6, 2]), 3)
+    gen = torch.Generator().manual_seed(0)
+    stats.update(torch.randn(8, 3, generator=gen), torch.tensor([0, 0, 0, 0, 0, 0, 1, 1]))
+    cloud = FeatureCloud("vanilla", head_threshold=5)
+    ref = stats.var[0]
+    expect = (ref - stats.var[1]).clamp(min=0).sqrt()
+    torch.testing.assert_close(cloud.std(stats, torch.tensor([1, 0])), torch.stack([expect, torch.tensor(0.)]))
+
+
+@pytest.mark.parametrize("per_logit", [True, False])
+def test_sampled_alpha_has_requested_std(per_logit):
+    # 200,000 draws of N(0, s^2): the sample std has standard error s / sqrt(2 n) = 0.16% of s,
+    # so 1% is a > 6-sigma band; the mean's standard error is s / sqrt(n) = 0.0022 s.
+    std = torch.tensor([0.0, 0.3, 0.05])
+    cloud = FeatureCloud("full", alpha_per_logit=per_logit)
+    n = 200_000
+    alpha = cloud.sample_from_std(std.repeat_interleave(n // (100 if per_logit else 1)),
+                                  100 if per_logit else 1, torch.Generator().manual_seed(0))
+    per_class = alpha.reshape(3, -1)
+    assert torch.equal(per_class[0], torch.zeros_like(per_class[0]))
+    for row, s in ((1, 0.3), (2, 0.05)):
+        assert per_class[row].std().item() == pytest.approx(s, rel=0.01)
+        assert abs(per_class[row].mean().item()) < 6 * 0.0023 * s
+    assert alpha.shape[1] == (100 if per_logit else 1)
+
+
+def test_sample_shape_and_generator_reproducible():
+    stats = AngularStats(torch.tensor([6, 2, 2]), 3)
+    stats.update(torch.randn(10, 3), torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 2, 2]))
+    labels = torch.tensor([1, 2, 0])
+    a = FeatureCloud().sample(stats, labels, generator=torch.Generator().manual_seed(5))
+    b = FeatureCloud().sample(stats, labels, generator=torch.Generator().manual_seed(5))
+    assert a.shape == (3, 3) and torch.equal(a, b)
+    assert FeatureCloud(alpha_per_logit=False).sample(stats, labels).shape == (3, 1)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(version="ful"), "version must be one of"),
+    (dict(version="vanilla"), "head_threshold"),
+    (dict(version="vanilla", head_threshold=-1), "head_threshold"),
+])
+def test_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FeatureCloud(**kwargs)

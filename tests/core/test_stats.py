@@ -1,0 +1,156 @@
+"""AngularStats against a naive per-sample Python-loop reference (Eq. 3, 4, 5)."""
+import math
+
+import pytest
+import torch
+
+from leap_plugin.core import AngularStats
+
+
+class NaiveStats:
+    """Straight from the paper's text: loops over classes and samples, float64."""
+
+    def __init__(self, counts, dim, P, gamma):
+        self.counts, self.P, self.gamma = list(counts), P, gamma
+        self.centers = [None] * len(counts)
+        self.memory = [[] for _ in counts]  # oldest first, at most K_i * P
+
+    def update(self, feats, labels):
+        feats = torch.nn.functional.normalize(feats.double(), dim=1)
+        angles = [math.nan] * len(labels)
+        classes = sorted({int(y) for y in labels if y >= 0})
+        for c in classes:  # Eq. 4 with the mini-batch mean
+            idx = [i for i, y in enumerate(labels) if y == c]
+            mean = feats[idx].mean(0)
+            old = self.centers[c]
+            self.centers[c] = mean if old is None else (1 - self.gamma) * mean + self.gamma * old
+        for i, y in enumerate(labels):  # Eq. 3, then the ring buffer of Eq. 5
+            y = int(y)
+            if y < 0:
+                continue
+            c = self.centers[y]
+            cos = float(feats[i] @ c / c.norm())
+            angles[i] = math.acos(max(-1.0, min(1.0, cos)))
+            self.memory[y].append(angles[i])
+            size = self.counts[y] * self.P
+            if len(self.memory[y]) > size:
+                self.memory[y].pop(0)
+        return angles
+
+    def mean_var(self):
+        means, vars_ = [], []
+        for mem in self.memory:
+            if len(mem) < 2:
+                means.append(math.nan)
+                vars_.append(math.nan)
+            else:
+                m = sum(mem) / len(mem)
+                means.append(m)
+                vars_.append(sum((a - m) ** 2 for a in mem) / (len(mem) - 1))
+        return torch.tensor(means), torch.tensor(vars_)
+
+
+def _nan_close(a, b, atol):
+    assert torch.equal(torch.isnan(a), torch.isnan(b)), (a, b)
+    ok = ~torch.isnan(a)
+    torch.testing.assert_close(a[ok].double(), b[ok].double(), atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("P,gamma", [(1, 0.1), (2, 0.5), (3, 0.0)])
+def test_matches_naive_reference(P, gamma):
+    gen = torch.Generator().manual_seed(P)
+    counts = torch.tensor([1, 2, 3, 5, 8, 2, 4])
+    C, D = len(counts), 6
+    stats = AngularStats(counts, D, memory_factor=P, center_rate=gamma)
+    ref = NaiveStats(counts.tolist(), D, P, gamma)
+    for step in range(25):
+        B = int(torch.randint(1, 20, (1,), generator=gen))
+        feats = torch.randn(B, D, generator=gen)
+        labels = torch.randint(-1, C, (B,), generator=gen)
+        got = stats.update(feats, labels)
+        want = torch.tensor(ref.update(feats, labels.tolist()))
+        _nan_close(got, want, 1e-5)
+    for c in range(C):
+        if ref.centers[c] is not None:
+            torch.testing.assert_close(stats.centers[c].double(), ref.centers[c], atol=1e-6, rtol=0)
+        # ring buffer contents in overwrite order: the last K_i * P angles, oldest first
+        n = int(stats.num_angles[c])
+        assert n == len(ref.memory[c])
+        start, size = int(stats.memory_offset[c]), int(stats.memory_size[c])
+        written = int(stats.num_written[c])
+        order = [(written - n + k) % size for k in range(n)]
+        ring = stats.memory[start:start + size][order]
+        torch.testing.assert_close(ring.double(), torch.tensor(ref.memory[c], dtype=torch.float64),
+                                   atol=1e-6, rtol=0)
+    mean, var = ref.mean_var()
+    _nan_close(stats.mean, mean, 1e-6)
+    _nan_close(stats.var, var, 1e-6)
+
+
+def test_batch_with_more_samples_than_memory_keeps_the_last():
+    stats = AngularStats(torch.tensor([2]), 3, memory_factor=1)
+    ref = NaiveStats([2], 3, 1, 0.1)
+    feats = torch.randn(5, 3, generator=torch.Generator().manual_seed(1))
+    stats.update(feats, torch.zeros(5, dtype=torch.long))
+    ref.update(feats, [0] * 5)
+    assert int(stats.num_angles[0]) == 2
+    _nan_close(stats.var, ref.mean_var()[1], 1e-6)
+
+
+def test_nan_until_two_angles_and_ignored_labels():
+    stats = AngularStats(torch.tensor([3, 3]), 4)
+    angles = stats.update(torch.randn(3, 4), torch.tensor([0, -1, -1]))
+    assert torch.isnan(angles[1:]).all() and not torch.isnan(angles[0])
+    assert torch.isnan(stats.var).all()  # class 0 has 1 angle, class 1 none
+    assert int(stats.num_written[1]) == 0
+    stats.update(torch.randn(1, 4), torch.tensor([0]))
+    assert not torch.isnan(stats.var[0]) and torch.isnan(stats.var[1])
+
+
+def test_state_dict_round_trips_exactly():
+    counts = torch.tensor([4, 1, 6])
+    a = AngularStats(counts, 5, memory_factor=2)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(6):
+        a.update(torch.randn(8, 5, generator=gen), torch.randint(0, 3, (8,), generator=gen))
+    b = AngularStats(counts, 5, memory_factor=2)
+    b.load_state_dict(a.state_dict())
+    for name, tensor in a.state_dict().items():
+        assert torch.equal(tensor, b.state_dict()[name]), name
+    feats, labels = torch.randn(8, 5, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+    assert torch.equal(a.update(feats, labels), b.update(feats, labels))
+    assert torch.equal(a.var, b.var)
+
+
+def test_half_precision_features_give_float32_angles():
+    stats = AngularStats(torch.tensor([5, 5]), 8)
+    feats = torch.randn(6, 8)
+    angles = stats.update(feats.half(), torch.tensor([0, 0, 0, 1, 1, 1]))
+    assert angles.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(class_counts=torch.tensor([2, 0]), feat_dim=4), "class_counts must be positive"),
+    (dict(class_counts=torch.tensor([2, -1]), feat_dim=4), "class_counts must be positive"),
+    (dict(class_counts=torch.tensor([2.0]), feat_dim=4), "class_counts must be a non-empty 1-D integer"),
+    (dict(class_counts=torch.tensor([2]), feat_dim=4, memory_factor=0), "memory_factor"),
+    (dict(class_counts=torch.tensor([2]), feat_dim=4, center_rate=1.0), "center_rate"),
+    (dict(class_counts=torch.tensor([2]), feat_dim=4, center_rate=-0.1), "center_rate"),
+])
+def test_constructor_errors_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AngularStats(**kwargs)
+
+
+@pytest.mark.parametrize("feats,labels,match", [
+    (torch.randn(3, 5), torch.tensor([0, 1, 2]), r"features must have shape \[B, 4\]"),
+    (torch.randn(3, 4), torch.tensor([0, 1]), "labels must have shape"),
+    (torch.randn(3, 4), torch.tensor([0, 1, 2]), r"labels must lie in \[0, 2\)"),
+    (torch.randn(3, 4), torch.tensor([0, 1, -2]), r"labels must lie in \[0, 2\)"),
+    (torch.tensor([[math.nan, 0, 0, 0]]), torch.tensor([0]), "NaN or inf"),
+    (torch.tensor([[math.inf, 0, 0, 0]]), torch.tensor([0]), "NaN or inf"),
+])
+def test_update_errors(feats, labels, match):
+    stats = AngularStats(torch.tensor([2, 3]), 4)
+    with pytest.raises(ValueError, match=match):
+        stats.update(feats, labels)
