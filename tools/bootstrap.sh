@@ -17,5 +17,10 @@ echo "[bootstrap] creating .venv with $($PY --version) (first run: a few minutes
 .venv/bin/python -m pip install -q -r requirements.txt
 .venv/bin/python -m pip install -q --no-deps -r requirements-hosts.txt
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+# fastreid's evaluator wants its Cython rank module compiled inside site-packages; its Makefile
+# calls whatever `python3` is first on PATH, so build it here with the venv's own interpreter.
+rank_dir=$(.venv/bin/python -c "import os, fastreid; print(os.path.join(os.path.dirname(fastreid.__file__), 'evaluation', 'rank_cylib'))")
+(cd "$rank_dir" && "$OLDPWD/.venv/bin/python" setup.py -q build_ext --inplace >/dev/null 2>&1 && rm -rf build) \
+  || echo "[bootstrap] warning: fastreid's Cython rank module did not compile; its Python evaluator is used instead"
 echo "$want" > "$stamp"
 echo "[bootstrap] .venv ready"

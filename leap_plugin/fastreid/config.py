@@ -1,0 +1,43 @@
+"""``add_leap_config(cfg)``: the LEAP keys, added to a FastReID config before the yaml merge.
+
+MODEL.HEADS.LEAP (read by ``LEAPHead``; the margin comes from MODEL.HEADS.CLS_LAYER, s and m
+from MODEL.HEADS.SCALE / MODEL.HEADS.MARGIN):
+
+    VERSION          "full" (Eq. 9, no head/tail threshold) or "vanilla" (Eq. 6)
+    HEAD_THRESHOLD   T of the vanilla version: classes with more than T images are head
+                     (-1 = unset; required for "vanilla")
+    MEMORY_FACTOR    P of Eq. 5: each class remembers its last K_i * P angles
+    CENTER_RATE      gamma of Eq. 4 (paper: 0.1)
+    START_EPOCH      the epoch from which the feature cloud is applied (paper Fig. 5: 10-30)
+    ALPHA_PER_LOGIT  one alpha per (sample, logit) (paper: "alpha_x in R^{1 x C}") or per sample
+
+DATASETS.LONG_TAIL (read by the ``*_LT`` datasets, paper Section 4.1):
+
+    NUM_HEAD     H: the H identities with most images are kept whole
+    TAIL_IMAGES  S: every other identity keeps S images
+    SEED         seed of the choice of the S images
+"""
+from fastreid.config import CfgNode as CN
+
+__all__ = ["add_leap_config", "CLS_LAYER_MARGINS"]
+
+# MODEL.HEADS.CLS_LAYER -> the margin of leap_logits (CosFace Eq. 7, ArcFace Eq. 8)
+CLS_LAYER_MARGINS = {"CosSoftmax": "cos", "ArcSoftmax": "arc"}
+
+
+def add_leap_config(cfg):
+    """Add MODEL.HEADS.LEAP and DATASETS.LONG_TAIL with the paper's defaults (in place)."""
+    _C = cfg
+    _C.MODEL.HEADS.LEAP = CN()
+    _C.MODEL.HEADS.LEAP.VERSION = "full"
+    _C.MODEL.HEADS.LEAP.HEAD_THRESHOLD = -1
+    _C.MODEL.HEADS.LEAP.MEMORY_FACTOR = 1
+    _C.MODEL.HEADS.LEAP.CENTER_RATE = 0.1
+    _C.MODEL.HEADS.LEAP.START_EPOCH = 20
+    _C.MODEL.HEADS.LEAP.ALPHA_PER_LOGIT = True
+
+    _C.DATASETS.LONG_TAIL = CN()
+    _C.DATASETS.LONG_TAIL.NUM_HEAD = 20
+    _C.DATASETS.LONG_TAIL.TAIL_IMAGES = 5
+    _C.DATASETS.LONG_TAIL.SEED = 0
+    return cfg

@@ -1,0 +1,68 @@
+"""Long-tailed versions of FastReID's datasets (paper Section 4.1), registered as ``<NAME>_LT``.
+
+``Market1501_LT``, ``DukeMTMC_LT`` and ``MSMT17_LT`` are the host's datasets with the training
+identities cut by the rule in ``leap_plugin.core.longtail``: rank identities by image count, keep
+the top H whole, keep S images of every other identity (seeded, deterministic). Query and gallery
+are the host's, untouched. ``register_long_tail(name)`` makes the ``_LT`` of any registered
+ImageDataset. H, S and the seed come from DATASETS.LONG_TAIL (``LEAPTrainer`` passes them as the
+``long_tail`` argument).
+"""
+import logging
+import os
+from collections import defaultdict
+
+from fastreid.data.datasets import DATASET_REGISTRY
+
+from ..core.longtail import longtail_split
+
+__all__ = ["register_long_tail", "long_tail_items", "LONG_TAIL_DEFAULTS"]
+
+logger = logging.getLogger(__name__)
+
+LONG_TAIL_DEFAULTS = {"num_head": 20, "tail_images": 5, "seed": 0}  # <H20, S5>, as add_leap_config
+
+
+def long_tail_items(items, num_head, tail_images, seed):
+    """FastReID train items (img_path, pid, camid) cut to <H num_head, S tail_images>."""
+    by_pid = defaultdict(list)
+    for item in items:
+        by_pid[item[1]].append(tuple(item))
+    split = longtail_split(by_pid, num_head=num_head, tail_images=tail_images, seed=seed)
+    return [item for pid in split for item in split[pid]]
+
+
+def register_long_tail(base_name: str):
+    """Register ``<base_name>_LT``: the registered dataset ``base_name`` with a long-tailed train set."""
+    name = base_name + "_LT"
+    try:  # fastreid's Registry has no __contains__; get() raises KeyError for unknown names
+        return DATASET_REGISTRY.get(name)
+    except KeyError:
+        pass
+    base = DATASET_REGISTRY.get(base_name)
+
+    def __init__(self, root="datasets", long_tail=None, **kwargs):
+        params = dict(LONG_TAIL_DEFAULTS, **(long_tail or {}))
+        try:
+            base.__init__(self, root=root, **kwargs)
+        except RuntimeError as err:
+            if "is not found" not in str(err):
+                raise
+            raise FileNotFoundError(
+                f"{name}: {err}. FastReID looks for datasets under the folder in the environment "
+                f"variable FASTREID_DATASETS (now {os.environ.get('FASTREID_DATASETS', 'unset: ./datasets')!r}); "
+                f"put {base_name} there in its usual layout or point FASTREID_DATASETS at it") from None
+        full = self.train
+        self._train = long_tail_items(full, **params)
+        if self.mode == "train":
+            self.data = self._train
+        logger.info(f"{name}: <H{params['num_head']}, S{params['tail_images']}> seed {params['seed']}: "
+                    f"{len(self._train)} of {len(full)} training images kept")
+
+    cls = type(name, (base,), {"__init__": __init__, "__doc__": f"{base_name} with a long-tailed train set "
+                               "(paper Section 4.1; DATASETS.LONG_TAIL)."})
+    DATASET_REGISTRY.register(cls)
+    return cls
+
+
+for _name in ("Market1501", "DukeMTMC", "MSMT17"):
+    register_long_tail(_name)

@@ -1,0 +1,132 @@
+"""``LEAPHead``: FastReID's EmbeddingHead with the feature cloud where the logits are made.
+
+Pooling, neck, classifier weight and evaluation output are the host's, untouched. In training,
+the normalised classifier input updates the angular statistics (Eq. 3-5) and, from
+MODEL.HEADS.LEAP.START_EPOCH on, tail samples get the cloud angle alpha in the CosFace / ArcFace
+logits (Eq. 7 / Eq. 8). Switch it on with ``MODEL.HEADS.NAME: LEAPHead``.
+"""
+import torch
+import torch.nn.functional as F
+
+from fastreid.config import configurable
+from fastreid.modeling.heads import EmbeddingHead
+from fastreid.modeling.heads.build import REID_HEADS_REGISTRY
+
+from ..core import AngularStats, FeatureCloud, leap_logits
+from .config import CLS_LAYER_MARGINS
+
+__all__ = ["LEAPHead", "find_leap_head"]
+
+
+@REID_HEADS_REGISTRY.register()
+class LEAPHead(EmbeddingHead):
+    """EmbeddingHead + LEAP. Needs the training set's class counts: ``set_class_counts`` (done
+    by ``LEAPTrainer``) or a checkpoint that holds them."""
+
+    @configurable
+    def __init__(self, *, leap_version, head_threshold, memory_factor, center_rate, start_epoch,
+                 alpha_per_logit, **kwargs):
+        super().__init__(**kwargs)
+        self.margin = CLS_LAYER_MARGINS[kwargs["cls_type"]]
+        self.cloud = FeatureCloud(leap_version, None if head_threshold < 0 else head_threshold,
+                                  alpha_per_logit)
+        self.memory_factor, self.center_rate = memory_factor, center_rate
+        self.start_epoch = start_epoch
+        self.epoch = 0
+        self.stats = None
+        self.last_metrics = {}
+
+    @classmethod
+    def from_config(cls, cfg):
+        args = super().from_config(cfg)
+        leap = cfg.MODEL.HEADS.LEAP
+        if args["cls_type"] not in CLS_LAYER_MARGINS:
+            raise ValueError(f"MODEL.HEADS.CLS_LAYER={args['cls_type']!r} is not supported by LEAPHead: "
+                             f"use one of {sorted(CLS_LAYER_MARGINS)} (CosFace Eq. 7 / ArcFace Eq. 8)")
+        if leap.VERSION == "vanilla" and leap.HEAD_THRESHOLD < 0:
+            raise ValueError("MODEL.HEADS.LEAP.HEAD_THRESHOLD must be set (>= 0) for "
+                             "MODEL.HEADS.LEAP.VERSION 'vanilla': classes with more than T images are head")
+        for key, value, ok in (("VERSION", leap.VERSION, leap.VERSION in ("full", "vanilla")),
+                               ("MEMORY_FACTOR", leap.MEMORY_FACTOR, int(leap.MEMORY_FACTOR) >= 1),
+                               ("CENTER_RATE", leap.CENTER_RATE, 0 <= leap.CENTER_RATE < 1),
+                               ("START_EPOCH", leap.START_EPOCH, leap.START_EPOCH >= 0)):
+            if not ok:
+                raise ValueError(f"MODEL.HEADS.LEAP.{key}={value!r} is invalid: expected "
+                                 + {"VERSION": "'full' or 'vanilla'", "MEMORY_FACTOR": "an integer >= 1",
+                                    "CENTER_RATE": "a value in [0, 1)", "START_EPOCH": "an epoch >= 0"}[key])
+        args.update(leap_version=leap.VERSION, head_threshold=leap.HEAD_THRESHOLD,
+                    memory_factor=leap.MEMORY_FACTOR, center_rate=leap.CENTER_RATE,
+                    start_epoch=leap.START_EPOCH, alpha_per_logit=leap.ALPHA_PER_LOGIT)
+        return args
+
+    def set_class_counts(self, class_counts):
+        """Create the statistics for K_i = class_counts[i] (relabelled training ids)."""
+        counts = torch.as_tensor(class_counts, dtype=torch.long)
+        if counts.numel() != self.weight.shape[0]:
+            raise ValueError(f"{counts.numel()} class counts given for a classifier of "
+                             f"{self.weight.shape[0]} classes (MODEL.HEADS.NUM_CLASSES)")
+        self._build_stats(counts)
+
+    def _build_stats(self, counts):
+        self.stats = AngularStats(counts, self.weight.shape[1], self.memory_factor,
+                                  self.center_rate).to(self.weight.device)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = int(epoch)
+
+    @property
+    def cloud_active(self) -> bool:
+        return self.epoch >= self.start_epoch
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint carries K_i: build the statistics from it before the buffers load (also for
+        # --eval-only, where the classifier is built with NUM_CLASSES 0 and skipped by the loader)
+        counts = state_dict.get(prefix + "stats.class_counts")
+        if self.stats is None and counts is not None:
+            self._build_stats(counts)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, features, targets=None):
+        pool_feat = self.pool_layer(features)
+        neck_feat = self.bottleneck(pool_feat)[..., 0, 0]
+        if not self.training:
+            return neck_feat
+        if self.stats is None:
+            raise RuntimeError("LEAPHead has no class counts: train with leap_plugin.fastreid.LEAPTrainer "
+                               "(tools/train_net.py) or call set_class_counts(K) before training")
+
+        embedding = F.normalize(neck_feat)
+        cosine = F.linear(embedding, F.normalize(self.weight))
+        alpha = None
+        if torch.is_grad_enabled():  # a real step: not PreciseBN or any other no-grad pass
+            angles = self.stats.update(embedding, targets)
+            std = self.cloud.std(self.stats, targets)
+            if self.cloud_active:
+                alpha = self.cloud.sample_from_std(std, cosine.shape[1])
+            self.last_metrics = self._metrics(angles, std, alpha)
+        cls_outputs = leap_logits(cosine, targets, alpha, self.margin, self.cls_layer.s, self.cls_layer.m)
+        return {
+            "cls_outputs": cls_outputs,
+            "pred_class_logits": cosine * self.cls_layer.s,
+            "features": pool_feat[..., 0, 0] if self.neck_feat == "before" else neck_feat,
+        }
+
+    def _metrics(self, angles, std, alpha):
+        """Tensors for the training log (no host sync here; the hook reads them)."""
+        tail = std > 0
+        zero = torch.zeros((), device=std.device)
+        return {
+            "leap/reference_var": self.cloud.reference_var(self.stats),
+            "leap/cloud_fraction": tail.float().mean() if alpha is not None else zero,
+            "leap/mean_abs_alpha": alpha.abs().mean() if alpha is not None else zero,
+            "leap/tail_mean_angle": (angles.nan_to_num() * tail).sum() / tail.sum().clamp(min=1),
+            "leap/head_mean_angle": (angles.nan_to_num() * ~tail).sum() / (~tail).sum().clamp(min=1),
+        }
+
+
+def find_leap_head(model):
+    """The LEAPHead inside a (possibly DDP-wrapped) model, or None."""
+    for module in model.modules():
+        if isinstance(module, LEAPHead):
+            return module
+    return None

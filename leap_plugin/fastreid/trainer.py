@@ -1,0 +1,41 @@
+"""``LEAPTrainer``: FastReID's DefaultTrainer plus what LEAP needs, nothing else.
+
+It hands the training set's class counts K_i (relabelled ids, as CommDataset numbers them) to the
+LEAPHead, passes DATASETS.LONG_TAIL to the ``*_LT`` datasets, and adds ``LEAPEpochHook``. With
+any other head it trains exactly like DefaultTrainer.
+"""
+from collections import Counter
+
+from fastreid.data import build_reid_train_loader
+from fastreid.engine import DefaultTrainer
+
+from .head import find_leap_head
+from .hooks import LEAPEpochHook
+
+__all__ = ["LEAPTrainer", "class_counts"]
+
+
+def class_counts(train_set):
+    """K_i per relabelled class of a FastReID CommDataset (index = the label the model sees)."""
+    counts = Counter(item[1] for item in train_set.img_items)
+    return [counts[pid] for pid in train_set.pids]
+
+
+def long_tail_kwargs(cfg):
+    lt = cfg.DATASETS.LONG_TAIL
+    return {"long_tail": {"num_head": lt.NUM_HEAD, "tail_images": lt.TAIL_IMAGES, "seed": lt.SEED}}
+
+
+class LEAPTrainer(DefaultTrainer):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        head = find_leap_head(self.model)
+        if head is not None:
+            head.set_class_counts(class_counts(self.data_loader.dataset))
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_reid_train_loader(cfg, combineall=cfg.DATASETS.COMBINEALL, **long_tail_kwargs(cfg))
+
+    def build_hooks(self):
+        return super().build_hooks() + [LEAPEpochHook()]

@@ -1,0 +1,100 @@
+"""The real mxnet 1.9.1, in a venv of its own, for the RecordIO cross-checks.
+
+mxnet 1.9.1 imports only with numpy < 1.24, so it cannot live in the project's .venv (numpy 2).
+The session fixture ``mxnet_env`` creates ``.venv-mxnet`` at the repository root once
+(``python -m venv`` + ``pip install`` of ``MXNET_REQUIREMENTS``; about 20 s with a package
+registry, then reused) and runs small scripts in it with ``subprocess``.
+
+Environment variables:
+  LEAP_MXNET_VENV=PATH  use or create the venv at PATH instead of .venv-mxnet
+  LEAP_NO_MXNET=1       do not use mxnet at all (the tests then check against the committed
+                        golden files in tests/insightface/golden/ and skip what needs mxnet live)
+
+If the venv cannot be created (no network), the fixture says why, and the same fallback applies.
+"""
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+MXNET_REQUIREMENTS = ("numpy==1.23.5", "mxnet==1.9.1", "opencv-python-headless==4.8.1.78")
+_STAMP = ".leap-mxnet-requirements"
+
+
+class MXNetEnv:
+    """A Python interpreter with mxnet 1.9.1, or the reason there is none."""
+
+    def __init__(self, python: Optional[str], reason: str = ""):
+        self.python = python
+        self.reason = reason
+
+    @property
+    def available(self) -> bool:
+        return self.python is not None
+
+    def require(self) -> None:
+        """Skip the calling test when mxnet is not available."""
+        if not self.available:
+            pytest.skip(f"real mxnet unavailable: {self.reason}")
+
+    def run(self, script: str, *args, timeout: float = 300) -> str:
+        """Run ``script`` (Python source) with mxnet's interpreter; returns its stdout."""
+        self.require()
+        proc = subprocess.run([self.python, "-c", script, *map(str, args)], capture_output=True,
+                              text=True, timeout=timeout, cwd=str(REPO))
+        if proc.returncode != 0:
+            raise AssertionError(f"mxnet script failed (exit {proc.returncode}):\n{proc.stderr}")
+        return proc.stdout
+
+    def run_json(self, script: str, *args, timeout: float = 300):
+        """Run ``script`` and parse the JSON object it prints last."""
+        return json.loads(self.run(script, *args, timeout=timeout).strip().splitlines()[-1])
+
+
+def _create_venv(path: Path) -> str:
+    """Create (or reuse) the mxnet venv at ``path``; returns its python. Raises on failure."""
+    python = path / "bin" / "python"
+    want = "\n".join(MXNET_REQUIREMENTS)
+    stamp = path / _STAMP
+    if python.exists() and stamp.exists() and stamp.read_text() == want:
+        return str(python)
+    if path.exists():
+        shutil.rmtree(path)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, capture_output=True,
+                       text=True, timeout=300)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                        "--timeout", "30", "--retries", "2", *MXNET_REQUIREMENTS],
+                       check=True, capture_output=True, text=True, timeout=900)
+        subprocess.run([str(python), "-c", "import mxnet, cv2"], check=True, capture_output=True,
+                       text=True, timeout=120)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        shutil.rmtree(path, ignore_errors=True)
+        detail = (getattr(exc, "stderr", "") or "").strip().splitlines()[-3:]
+        raise RuntimeError(f"{' '.join(map(str, exc.cmd))[:200]} failed: {' | '.join(detail)}")
+    stamp.write_text(want)
+    return str(python)
+
+
+@pytest.fixture(scope="session")
+def mxnet_env() -> MXNetEnv:
+    """mxnet 1.9.1 in .venv-mxnet (created on first use), or why it is not available."""
+    if os.environ.get("LEAP_NO_MXNET", "") not in ("", "0"):
+        return MXNetEnv(None, "LEAP_NO_MXNET is set")
+    path = Path(os.environ.get("LEAP_MXNET_VENV") or REPO / ".venv-mxnet").resolve()
+    lock_name = "leap-mxnet-venv-" + hashlib.sha1(str(path).encode()).hexdigest()[:12] + ".lock"
+    with open(Path(tempfile.gettempdir()) / lock_name, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two pytest runs at once build the venv only once
+        try:
+            return MXNetEnv(_create_venv(path))
+        except (OSError, RuntimeError) as exc:
+            return MXNetEnv(None, f"could not create the mxnet venv at {path}: {exc}")
