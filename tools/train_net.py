@@ -4,6 +4,7 @@
 
     python tools/train_net.py --config-file configs/fastreid/Market1501_LT/H20_S5/leap_cf.yml MODEL.DEVICE cpu
 """
+import json
 import os
 import sys
 
@@ -12,7 +13,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import leap_plugin.fastreid  # noqa: E402,F401  (registers LEAPHead, the *_LT datasets, compat patches)
 from fastreid.config import get_cfg  # noqa: E402
 from fastreid.engine import default_argument_parser, default_setup, launch  # noqa: E402
+from fastreid.utils import comm  # noqa: E402
 from fastreid.utils.checkpoint import Checkpointer  # noqa: E402
+from fastreid.utils.env import seed_all_rng  # noqa: E402
 from leap_plugin.fastreid import LEAPTrainer, add_leap_config  # noqa: E402
 
 
@@ -22,8 +25,17 @@ def setup(args):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
-    default_setup(cfg, args)
+    default_setup(cfg, args)  # seeds every RNG at random
+    if cfg.SEED >= 0:
+        seed_all_rng(cfg.SEED + comm.get_rank())
     return cfg
+
+
+def save_results(cfg, results):
+    """OUTPUT_DIR/final_results.json: the last evaluation, for scripts (tools/demo.py)."""
+    if comm.is_main_process() and cfg.OUTPUT_DIR:
+        with open(os.path.join(cfg.OUTPUT_DIR, "final_results.json"), "w") as f:
+            json.dump(results, f, indent=1, default=float)  # numpy scalars -> float
 
 
 def main(args):
@@ -36,7 +48,9 @@ def main(args):
         return LEAPTrainer.test(cfg, model)
     trainer = LEAPTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    results = trainer.train()
+    save_results(cfg, results)
+    return results
 
 
 if __name__ == "__main__":

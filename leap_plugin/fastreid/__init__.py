@@ -13,7 +13,8 @@ from .config import add_leap_config  # noqa: E402
 from .datasets import register_long_tail  # noqa: E402
 from .head import LEAPHead, find_leap_head  # noqa: E402
 from .hooks import LEAPEpochHook  # noqa: E402
+from .omniglot import Omniglot, OmniglotVal  # noqa: E402
 from .trainer import LEAPTrainer  # noqa: E402
 
 __all__ = ["add_leap_config", "register_long_tail", "LEAPHead", "find_leap_head", "LEAPEpochHook",
-           "LEAPTrainer"]
+           "LEAPTrainer", "Omniglot", "OmniglotVal"]

@@ -11,6 +11,9 @@ from MODEL.HEADS.SCALE / MODEL.HEADS.MARGIN):
     START_EPOCH      the epoch from which the feature cloud is applied (paper Fig. 5: 10-30)
     ALPHA_PER_LOGIT  one alpha per (sample, logit) (paper: "alpha_x in R^{1 x C}") or per sample
 
+SEED (tools/train_net.py): seed of every RNG (data order, initialisation, alpha); -1 = random,
+as FastReID does by default.
+
 DATASETS.LONG_TAIL (read by the ``*_LT`` datasets, paper Section 4.1):
 
     NUM_HEAD     H: the H identities with most images are kept whole
@@ -40,4 +43,6 @@ def add_leap_config(cfg):
     _C.DATASETS.LONG_TAIL.NUM_HEAD = 20
     _C.DATASETS.LONG_TAIL.TAIL_IMAGES = 5
     _C.DATASETS.LONG_TAIL.SEED = 0
+
+    _C.SEED = -1
     return cfg

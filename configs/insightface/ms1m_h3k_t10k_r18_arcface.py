@@ -1,0 +1,3 @@
+from .leap_face_base import face_config
+
+config = face_config("h3k_t10k", "arcface", leap=False)

@@ -1,0 +1,319 @@
+"""arcface_torch's real PartialFC_V2 with LEAPMarginLoss in one process (a world-1 gloo group, as
+single-GPU training), train_v2's checkpoint/resume, and tools/train_arcface_leap.py's wrappers
+around the host's own modules.
+
+Needs an arcface_torch checkout ($INSIGHTFACE_ROOT, or a fetched mirror): skipped otherwise.
+PartialFC_V2 calls ``Tensor.cuda()`` on a few buffers; here that returns the tensor (CPU).
+The configs import ``easydict`` (an arcface_torch requirement, pinned in requirements.txt).
+"""
+import os
+import sys
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from leap_plugin.insightface import LEAPMarginLoss
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_margin import arcface_torch_dir  # noqa: E402  (same folder)
+
+REPO = Path(__file__).resolve().parents[2]
+# the host's own code warns on this torch / Python (torch.cuda.amp.autocast, "is" with a literal)
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::SyntaxWarning")
+HOST_FILES = ("train_v2.py", "partial_fc_v2.py", "losses.py", "lr_scheduler.py", "dataset.py",
+              "configs/__init__.py", "configs/base.py", "utils/__init__.py", "utils/utils_config.py",
+              "utils/utils_callbacks.py", "utils/utils_logging.py", "utils/utils_distributed_sampler.py",
+              "eval/__init__.py", "eval/verification.py")
+
+
+@pytest.fixture(scope="module")
+def arcface(tmp_path_factory):
+    root = arcface_torch_dir(tmp_path_factory.mktemp("insightface"), HOST_FILES)
+    if root is None:
+        pytest.skip("no arcface_torch checkout: set INSIGHTFACE_ROOT to an insightface checkout")
+    return root
+
+
+@pytest.fixture
+def world1(monkeypatch):
+    """A world-1 gloo process group (single-GPU arcface_torch), torn down after the test."""
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture
+def host_modules(arcface, tmp_path):
+    """arcface_torch on the path for one test; sys.path / sys.modules restored after it."""
+    path, modules = list(sys.path), dict(sys.modules)
+    yield arcface
+    sys.path[:] = path
+    for name in set(sys.modules) - set(modules):  # only arcface_torch's
+        origin = str(getattr(sys.modules[name], "__file__", "") or "")
+        if origin.startswith((str(arcface), str(tmp_path))) or name.split(".")[0] in ("configs", "utils"):
+            del sys.modules[name]
+    sys.modules.update(modules)
+
+
+def _load(arcface, name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"host_{name}", Path(arcface) / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _batch(step, classes=9, dim=8, batch=12):
+    g = torch.Generator().manual_seed(step)
+    labels = torch.randint(0, classes, (batch,), generator=g)
+    return torch.randn(batch, dim, generator=g) + 2 * torch.eye(classes, dim)[labels] * 3, labels
+
+
+def _make(arcface, sample_rate):
+    pfc_module = _load(arcface, "partial_fc_v2")
+    loss = LEAPMarginLoss(torch.tensor([40, 30, 20, 5, 5, 5, 4, 5, 3]), 8, margin="cos", margin_value=0.35,
+                          version="vanilla", head_threshold=5, update_every=2, start_epoch=1, seed=9)
+    pfc = pfc_module.PartialFC_V2(loss, 8, 9, sample_rate, False).train()
+    loss.attach(pfc)
+    return pfc, loss
+
+
+def _train(pfc, loss, steps, opt, start=0):
+    values = []
+    for step in range(start, steps):
+        loss.set_epoch(step // 3)  # as the tool's hooks do at each epoch start
+        emb, labels = _batch(step)
+        emb.requires_grad_()
+        value = pfc(emb, labels.clone())
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        values.append(value.item())
+    return values
+
+
+@pytest.mark.parametrize("sample_rate", [1.0, 0.6])
+def test_checkpoint_resume_as_train_v2(arcface, world1, tmp_path, sample_rate):
+    torch.manual_seed(0)
+    pfc, loss = _make(arcface, sample_rate)
+    init = {k: v.clone() for k, v in pfc.state_dict().items() if k == "weight"}
+    opt = torch.optim.SGD(pfc.parameters(), lr=0.5)
+    torch.manual_seed(1)
+    straight = _train(pfc, loss, 6, opt)
+
+    torch.manual_seed(0)
+    pfc, loss = _make(arcface, sample_rate)
+    pfc.load_state_dict(init, strict=False)
+    opt = torch.optim.SGD(pfc.parameters(), lr=0.5)
+    torch.manual_seed(1)
+    first = _train(pfc, loss, 3, opt)
+    rng = torch.get_rng_state()
+    # what train_v2 saves per rank, and loads back with cfg.resume
+    checkpoint = {"epoch": 1, "state_dict_softmax_fc": pfc.state_dict(), "state_optimizer": opt.state_dict()}
+    torch.save(checkpoint, tmp_path / "checkpoint_gpu_0.pt")
+    keys = set(checkpoint["state_dict_softmax_fc"])
+    assert {"margin_softmax.stats.centers", "margin_softmax.stats.memory", "margin_softmax.class_var",
+            "margin_softmax._extra_state"} <= keys
+
+    pfc, loss = _make(arcface, sample_rate)  # a fresh process: new modules, then load
+    loaded = torch.load(tmp_path / "checkpoint_gpu_0.pt", weights_only=False)
+    pfc.load_state_dict(loaded["state_dict_softmax_fc"])
+    opt = torch.optim.SGD(pfc.parameters(), lr=0.5)
+    opt.load_state_dict(loaded["state_optimizer"])
+    assert loss.step == 3 and int(loss.stats.num_written.sum()) == 24  # steps 0 and 2 updated
+    torch.set_rng_state(rng)
+    resumed = _train(pfc, loss, 6, opt, start=3)
+    np.testing.assert_allclose(first + resumed, straight, rtol=1e-5)
+    assert loss.cloud_active and loss.epoch == 1
+
+
+def test_attach_checks_the_module(arcface, world1):
+    pfc, loss = _make(arcface, 1.0)
+    other = LEAPMarginLoss(torch.ones(9, dtype=torch.long) * 3, 8)
+    with pytest.raises(ValueError, match="margin_softmax"):
+        other.attach(pfc)
+    # without attach, training raises instead of silently never updating the statistics
+    pfc_module = _load(arcface, "partial_fc_v2")
+    lonely = LEAPMarginLoss(torch.ones(9, dtype=torch.long) * 3, 8)
+    host = pfc_module.PartialFC_V2(lonely, 8, 9, 1.0, False).train()
+    with pytest.raises(RuntimeError, match="attach"):
+        host(*_batch(0))
+
+
+# ---------------------------------------------------------------- tools/train_arcface_leap.py
+
+def _tool():
+    sys.path.insert(0, str(REPO / "tools"))
+    import train_arcface_leap
+    return train_arcface_leap
+
+
+def _train_v2_namespace(arcface):
+    """train_v2.py's globals as its own ``from X import Y`` lines make them (run for real, read
+    from the file); the lines whose modules need what is missing here (mxnet) are left out."""
+    import ast
+    tree = ast.parse((Path(arcface) / "train_v2.py").read_text())
+    namespace = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and not node.module.startswith(("torch", "datetime")):
+            try:
+                exec(compile(ast.Module([node], []), "train_v2.py", "exec"), namespace)
+            except ImportError:
+                pass
+    return namespace
+
+
+def test_tool_wires_leap_into_the_hosts_modules(host_modules, world1, tmp_path):
+    tool = _tool()
+    config = REPO / "configs" / "insightface" / "ms1m_h3k_t10k_r18_arcface_leap.py"
+    arcface, config_arg = tool.prepare(host_modules, str(config))
+    assert config_arg == "configs/ms1m_h3k_t10k_r18_arcface_leap.py"  # what train_v2's get_config gets
+    ns = _train_v2_namespace(arcface)
+    session = tool.Session()
+    rebound = session.patch(ns)
+    assert {"get_config", "CombinedMarginLoss", "PartialFC_V2", "PolynomialLRWarmup"} <= set(rebound)
+    import losses
+    import partial_fc_v2
+    assert losses.CombinedMarginLoss is not ns["CombinedMarginLoss"]  # their modules are untouched
+    assert partial_fc_v2.PartialFC_V2 is not ns["PartialFC_V2"]
+
+    cfg = ns["get_config"](config_arg)
+    assert cfg.seed == 2048 and cfg.num_workers == 2  # arcface_torch's configs/base.py merged first
+    assert (cfg.network, cfg.embedding_size, cfg.num_epoch, cfg.num_classes) == ("r18", 512, 30, 13000)
+    assert cfg.margin_list == (1.0, 0.5, 0.0) and cfg.leap.start_epoch == 20 and cfg.leap.update_every == 5
+
+    # a small problem with the same config: 6 classes, 8-d, K_i given in the config
+    cfg.num_classes, cfg.embedding_size = 6, 8
+    cfg.leap["class_counts"] = [50, 40, 5, 5, 5, 5]
+    margin_loss = ns["CombinedMarginLoss"](64, cfg.margin_list[0], cfg.margin_list[1], cfg.margin_list[2],
+                                            cfg.interclass_filtering_threshold)
+    assert isinstance(margin_loss, LEAPMarginLoss)
+    assert (margin_loss.margin, margin_loss.margin_value, margin_loss.scale) == ("arc", 0.5, 64.0)
+    assert margin_loss.straight_through and margin_loss.cloud.version == "vanilla"
+    assert (margin_loss.seed, margin_loss.start_epoch, margin_loss.update_every) == (2048, 20, 5)
+    module_partial_fc = ns["PartialFC_V2"](margin_loss, cfg.embedding_size, cfg.num_classes,
+                                                   cfg.sample_rate, False)
+    assert type(module_partial_fc).__name__ == "PartialFC_V2" and margin_loss._hook is not None
+    module_partial_fc.train()
+    emb, labels = _batch(0, classes=6)
+    module_partial_fc(emb.requires_grad_(), labels).backward()
+    assert int(margin_loss.stats.num_written.sum()) == 12
+
+    # the epoch reaches the loss through the sampler's set_epoch (train_v2 calls it every epoch)
+    from utils.utils_distributed_sampler import DistributedSampler
+    dataset = torch.utils.data.TensorDataset(torch.zeros(20, 1), torch.zeros(20).long())
+    loader_fn = session.wrap_get_dataloader(lambda *a, **k: torch.utils.data.DataLoader(
+        dataset, batch_size=4, sampler=DistributedSampler(dataset, num_replicas=1, rank=0)))
+    cfg.num_image = None
+    loader = loader_fn("synthetic", 0, 4)
+    assert cfg.num_image == 20  # counted from the dataset
+    loader.sampler.set_epoch(20)
+    assert margin_loss.epoch == 20 and margin_loss.cloud_active
+
+    # triangular LR: 30 epochs of 10 steps, 10-epoch cycles, lr_min -> lr at mid-cycle -> lr_min
+    opt = torch.optim.SGD(module_partial_fc.parameters(), lr=cfg.lr, momentum=0.9)
+    sched = ns["PolynomialLRWarmup"](optimizer=opt, warmup_iters=0, total_iters=300)
+    lrs = []
+    for _ in range(101):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(cfg.lr_min) and lrs[50] == pytest.approx(cfg.lr)
+    assert lrs[100] == pytest.approx(cfg.lr_min) and lrs[25] == pytest.approx((cfg.lr + cfg.lr_min) / 2)
+
+
+def test_tool_baseline_config_keeps_the_hosts_loss(host_modules, world1):
+    tool = _tool()
+    config = REPO / "configs" / "insightface" / "ms1m_h5k_t20k_r18_cosface.py"
+    arcface, config_arg = tool.prepare(host_modules, str(config))
+    ns = _train_v2_namespace(arcface)
+    tool.Session().patch(ns)
+    cfg = ns["get_config"](config_arg)
+    assert cfg.leap is None and cfg.margin_list == (1.0, 0.0, 0.35) and cfg.num_classes == 25000
+    loss = ns["CombinedMarginLoss"](64, *cfg.margin_list, cfg.interclass_filtering_threshold)
+    assert type(loss).__name__ == "CombinedMarginLoss" and loss.m3 == 0.35
+
+
+def test_tool_class_counts(tmp_path):
+    tool = _tool()
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+    for name, count in (("a", 3), ("b", 1), ("c", 2)):
+        (tmp_path / name).mkdir()
+        for i in range(count):
+            Image.new("RGB", (4, 4)).save(tmp_path / name / f"{i}.png")
+    counts = tool.class_counts_from_dataset(ImageFolder(str(tmp_path)), 3)
+    assert counts.tolist() == [3, 1, 2]
+    np.savetxt(tmp_path / "counts.txt", [4, 5, 6], fmt="%d")
+    assert tool.read_class_counts(str(tmp_path / "counts.txt"), 3).tolist() == [4, 5, 6]
+    with pytest.raises(ValueError, match="num_classes = 4"):
+        tool.read_class_counts([1, 2, 3], 4)
+    with pytest.raises(ValueError, match="class_counts"):
+        tool.class_counts_from_dataset(torch.utils.data.TensorDataset(torch.zeros(2)), 2)
+
+
+def test_tool_class_counts_from_ms1m_rec(tmp_path):
+    """K_i from the identity records of an MS1M-style train.rec (the layout MXFaceDataset reads)."""
+    from leap_plugin.insightface.longtail import write_ms1m
+    from leap_plugin.insightface.recordio import IndexedRecordWriter
+    tool = _tool()
+    sizes = [4, 1, 3, 5]
+    images = [(float(c), b"jpeg-bytes") for c, n in enumerate(sizes) for _ in range(n)]
+    with IndexedRecordWriter(tmp_path / "train.idx", tmp_path / "train.rec") as writer:
+        write_ms1m(writer, sizes, images)
+    assert tool.class_counts_from_rec(tmp_path, 5).tolist() == [4, 1, 3, 5, 0]
+    with pytest.raises(ValueError, match="num_classes = 3"):
+        tool.class_counts_from_rec(tmp_path, 3)
+
+
+def test_all_configs_load(host_modules):
+    tool = _tool()
+    names = sorted(p.stem for p in (REPO / "configs" / "insightface").glob("ms1m_*.py"))
+    assert len(names) == 16
+    tool.prepare(host_modules, str(REPO / "configs" / "insightface" / f"{names[0]}.py"))
+    from utils.utils_config import get_config
+    for name in names:
+        cfg = get_config(f"configs/{name}.py")
+        subset = name.split("_")[1:3]
+        head, tail = int(subset[0][1]) * 1000, int(subset[1][1:3]) * 1000
+        assert cfg.num_classes == head + tail and cfg.rec.endswith("_".join(subset))
+        assert (cfg.leap is not None) == name.endswith("_leap")
+        assert cfg.margin_list == ((1.0, 0.5, 0.0) if "arcface" in name else (1.0, 0.0, 0.35))
+        if cfg.leap is not None:
+            LEAPMarginLoss.from_margin_list(cfg.margin_list, 64, torch.full((cfg.num_classes,), 5), 512,
+                                            **cfg.leap)  # every key is a LEAPMarginLoss argument
+
+
+def test_tool_refuses_without_the_hosts_requirements(host_modules):
+    try:
+        import mxnet  # noqa: F401
+        pytest.skip("mxnet is installed: train_v2 would really start")
+    except ImportError:
+        pass
+    tool = _tool()
+    with pytest.raises(SystemExit, match="mxnet"):
+        tool.main(["--insightface-root", str(host_modules),
+                   str(REPO / "configs" / "insightface" / "ms1m_h5k_t10k_r18_cosface_leap.py")])
+
+
+def test_tool_epoch_reaches_the_loss_through_the_logging_callback():
+    """For loaders without a sampler (DALI): train_v2 calls its logging callback every step with
+    ``(global_step, loss_am, epoch, fp16, lr, amp)``; the wrapper passes the epoch on first."""
+    tool = _tool()
+    session = tool.Session()
+    loss = LEAPMarginLoss(torch.tensor([3, 3, 3]), 4, start_epoch=2)
+    session.losses.append(weakref.ref(loss))
+    calls = []
+
+    class HostCallback:  # the call signature of arcface_torch's CallBackLogging.__call__
+        def __call__(self, global_step, loss, epoch, fp16, learning_rate, grad_scaler):
+            calls.append((global_step, epoch))
+
+    callback = session.wrap_logging_callback(HostCallback)()
+    callback(7, None, 2, False, 0.1, None)
+    assert calls == [(7, 2)] and loss.epoch == 2 and loss.cloud_active

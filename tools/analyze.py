@@ -1,0 +1,225 @@
+#!/usr/bin/env python
+"""Head-vs-tail intra-class angular variance of a trained FastReID model (paper Section 1).
+
+Builds the model from a config, loads its weights, extracts eval-mode embeddings of the TRAINING
+set of cfg.DATASETS.NAMES (built exactly as FastReID / LEAPTrainer build it, including
+DATASETS.LONG_TAIL for the ``*_LT`` datasets, but with the test transforms), and measures the
+angle of every feature to its class centre. Head classes have more than T images.
+
+    python tools/analyze.py --config-file configs/fastreid/DukeMTMC_LT/H20_S4/cosface.yml \\
+        --weights logs/cosface/model_final.pth --out analysis/cosface MODEL.DEVICE cuda
+
+writes OUT/analysis.json (head/tail variance with 95% CI, per-class var/count) and OUT/angles.npz
+(angles, labels, is_head, features per image; class_var, class_count, class_is_head per class),
+which ``leap_plugin.analysis.load_run`` reads back to plot several runs together. ``--plots``
+also draws this run alone. ``analyze_run(cfg, weights, out_dir)`` is the same, from Python.
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import leap_plugin.fastreid  # noqa: E402,F401  (compat patches + registrations before any fastreid use)
+import fastreid.data.build as fastreid_build  # noqa: E402
+from fastreid.config import get_cfg  # noqa: E402
+from fastreid.data.common import CommDataset  # noqa: E402
+from fastreid.data.datasets import DATASET_REGISTRY  # noqa: E402
+from fastreid.data.transforms import build_transforms  # noqa: E402
+from fastreid.modeling import build_model  # noqa: E402
+from fastreid.utils.checkpoint import Checkpointer  # noqa: E402
+from leap_plugin.analysis import (class_angles, head_tail_summary, plot_angle_distributions,  # noqa: E402
+                                  plot_tsne, plot_variance_bars)
+from leap_plugin.fastreid import add_leap_config, find_leap_head  # noqa: E402
+
+__all__ = ["analyze_run", "build_train_set", "extract_features", "setup"]
+
+logger = logging.getLogger("leap_plugin.analyze")
+
+# parameters that may legitimately not load: the classifier (another class count) and the LEAP
+# statistics (created from the checkpoint itself, or absent); anything else missing is an error
+_MAY_SKIP = ("heads.weight", "heads.stats.")
+
+
+class _Checkpointer(Checkpointer):
+    """FastReID's Checkpointer, keeping what did not load so that analyze_run can refuse to
+    measure a half-random model (FastReID only logs it)."""
+
+    def _load_model(self, checkpoint):
+        self.incompatible = super()._load_model(checkpoint)
+        return self.incompatible
+
+
+def build_train_set(cfg):
+    """The training set of cfg.DATASETS.NAMES as LEAPTrainer builds it, with the test transforms.
+
+    Labels are CommDataset's relabelled ids, the classes the model was trained on.
+    """
+    lt = cfg.DATASETS.LONG_TAIL
+    kwargs = {"combineall": cfg.DATASETS.COMBINEALL,
+              "long_tail": {"num_head": lt.NUM_HEAD, "tail_images": lt.TAIL_IMAGES, "seed": lt.SEED}}
+    items = []
+    for name in cfg.DATASETS.NAMES:
+        items.extend(DATASET_REGISTRY.get(name)(root=fastreid_build._root, **kwargs).train)
+    return CommDataset(items, build_transforms(cfg, is_train=False), relabel=True)
+
+
+@torch.no_grad()
+def extract_features(model, dataset, batch_size, num_workers=0):
+    """Eval-mode embeddings (what FastReID's evaluator sees, without flip) and labels, in order."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers,
+                                         collate_fn=fastreid_build.fast_batch_collator)
+    model.eval()
+    feats, labels = [], []
+    for batch in loader:
+        batch["images"] = batch["images"].to(model.device)
+        feats.append(model(batch).float().cpu())
+        labels.append(batch["targets"].cpu())
+    return torch.cat(feats), torch.cat(labels)
+
+
+def _load_model(cfg, weights):
+    if not weights or not os.path.isfile(weights):
+        raise FileNotFoundError(f"weights {weights!r} is not a file: give the model_final.pth of a "
+                                f"training run (analysing an untrained model would be meaningless)")
+    model = build_model(cfg)
+    checkpointer = _Checkpointer(model)
+    checkpointer.load(weights)
+    bad = checkpointer.incompatible
+    keys = list(bad.missing_keys) + [k for k, *_ in bad.incorrect_shapes]
+    missing = list(dict.fromkeys(k for k in keys if not k.startswith(_MAY_SKIP)))
+    if missing:
+        raise ValueError(f"{len(missing)} parameters of the model built from the config did not load "
+                         f"from {weights} (config and checkpoint do not match?): {missing[:8]}")
+    return model
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return None if math.isnan(x) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+def analyze_run(cfg, weights, out_dir, head_threshold=None, plots=False) -> dict:
+    """Measure the angular variance of a trained model on its training set; write out_dir.
+
+    Args:
+        cfg: a FastReID config with the LEAP keys (``add_leap_config``), as used for training.
+        weights: the checkpoint (``model_final.pth``), loaded with FastReID's Checkpointer.
+        out_dir: gets analysis.json and angles.npz (and angles.png, variance.png, tsne.png with
+            ``plots``).
+        head_threshold: T; a class with more than T images is a head class. Default
+            cfg.DATASETS.LONG_TAIL.TAIL_IMAGES (every class the long-tail cut shrank is tail).
+
+    Returns the content of analysis.json (NaN as None): ``summary`` is a ``head_tail_summary``.
+    """
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.BACKBONE.PRETRAIN = False  # the weights come from the checkpoint
+    threshold = int(cfg.DATASETS.LONG_TAIL.TAIL_IMAGES if head_threshold is None else head_threshold)
+
+    train_set = build_train_set(cfg)
+    if cfg.MODEL.HEADS.NUM_CLASSES == 0:  # as DefaultTrainer.auto_scale_hyperparams: the classifier loads
+        cfg.MODEL.HEADS.NUM_CLASSES = train_set.num_classes
+    model = _load_model(cfg, weights)
+    features, labels = extract_features(model, train_set, cfg.TEST.IMS_PER_BATCH,
+                                        cfg.DATALOADER.NUM_WORKERS)
+
+    angles, classes, var, count = class_angles(features, labels)
+    is_head = count > threshold
+    summary = head_tail_summary(var, count, is_head)
+    inverse = torch.searchsorted(classes, labels)
+    mean_angle = torch.zeros(classes.numel(), dtype=torch.float64).index_add_(
+        0, inverse, angles.double()) / count
+    result = {
+        "weights": os.path.abspath(weights),
+        "datasets": list(cfg.DATASETS.NAMES),
+        "long_tail": {"num_head": cfg.DATASETS.LONG_TAIL.NUM_HEAD,
+                      "tail_images": cfg.DATASETS.LONG_TAIL.TAIL_IMAGES, "seed": cfg.DATASETS.LONG_TAIL.SEED},
+        "head": cfg.MODEL.HEADS.NAME, "cls_layer": cfg.MODEL.HEADS.CLS_LAYER,
+        "head_threshold": threshold,
+        "num_images": int(labels.numel()), "num_classes": int(classes.numel()),
+        "units": "angles in radians, variances in rad^2",
+        "summary": summary,
+        "classes": {"label": classes.tolist(), "pid": [train_set.pids[c] for c in classes.tolist()],
+                    "count": count.tolist(), "var": var.tolist(), "mean_angle": mean_angle.tolist(),
+                    "is_head": is_head.tolist()},
+    }
+    leap_head = find_leap_head(model)
+    if leap_head is not None and leap_head.stats is not None:
+        # the head's own training-time view: angle memory to EMA centres (Eq. 3-5)
+        stats = leap_head.stats
+        if stats.class_counts.cpu().tolist() == count.tolist():
+            result["training_memory_summary"] = head_tail_summary(stats.var.cpu(), count, is_head)
+        else:
+            logger.warning("the LEAP statistics in the checkpoint count other classes than this "
+                           "training set: training_memory_summary left out")
+    result = _jsonable(result)
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "analysis.json"), "w") as f:
+        json.dump(result, f, indent=1, allow_nan=False)
+    np.savez_compressed(os.path.join(out_dir, "angles.npz"), angles=angles.numpy(), labels=labels.numpy(),
+                        is_head=is_head[inverse].numpy(), features=features.numpy(),
+                        class_var=var.numpy(), class_count=count.numpy(), class_is_head=is_head.numpy())
+    head, tail = summary["head"], summary["tail"]
+    logger.info(f"head classes (> {threshold} images): var {head['var_mean']:.4g} +- {head['var_ci']:.2g} "
+                f"({head['num_classes_with_var']} classes); tail: var {tail['var_mean']:.4g} +- "
+                f"{tail['var_ci']:.2g} ({tail['num_classes_with_var']} classes)")
+
+    if plots:
+        name = os.path.basename(os.path.normpath(out_dir))
+        plot_angle_distributions({name: (angles, is_head[inverse])}, os.path.join(out_dir, "angles.png"))
+        plot_variance_bars({name: summary}, os.path.join(out_dir, "variance.png"))
+        try:
+            plot_tsne(features, labels, is_head, os.path.join(out_dir, "tsne.png"))
+        except ValueError as err:  # too few images for a t-SNE
+            logger.warning(f"tsne.png not drawn: {err}")
+    return result
+
+
+def setup(config_file, opts=()):
+    """get_cfg + add_leap_config + the yaml + opts, on the CPU unless opts say MODEL.DEVICE."""
+    cfg = get_cfg()
+    add_leap_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="the training config")
+    parser.add_argument("--weights", required=True, help="the checkpoint, e.g. OUTPUT_DIR/model_final.pth")
+    parser.add_argument("--out", required=True, help="folder for analysis.json and angles.npz")
+    parser.add_argument("--head-threshold", type=int, default=None, metavar="T",
+                        help="classes with more than T images are head "
+                             "(default: DATASETS.LONG_TAIL.TAIL_IMAGES)")
+    parser.add_argument("--plots", action="store_true", help="also draw angles.png, variance.png, tsne.png")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    result = analyze_run(setup(args.config_file, args.opts), args.weights, args.out,
+                         head_threshold=args.head_threshold, plots=args.plots)
+    print(json.dumps(result["summary"], indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
