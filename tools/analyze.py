@@ -37,6 +37,7 @@ from fastreid.utils.checkpoint import Checkpointer  # noqa: E402
 from leap_plugin.analysis import (class_angles, head_tail_summary, plot_angle_distributions,  # noqa: E402
                                   plot_tsne, plot_variance_bars)
 from leap_plugin.fastreid import add_leap_config, find_leap_head  # noqa: E402
+from leap_plugin.fastreid.trainer import long_tail_kwargs  # noqa: E402
 
 __all__ = ["analyze_run", "build_train_set", "extract_features", "setup"]
 
@@ -61,9 +62,7 @@ def build_train_set(cfg):
 
     Labels are CommDataset's relabelled ids, the classes the model was trained on.
     """
-    lt = cfg.DATASETS.LONG_TAIL
-    kwargs = {"combineall": cfg.DATASETS.COMBINEALL,
-              "long_tail": {"num_head": lt.NUM_HEAD, "tail_images": lt.TAIL_IMAGES, "seed": lt.SEED}}
+    kwargs = {"combineall": cfg.DATASETS.COMBINEALL, **long_tail_kwargs(cfg, publish=False)}
     items = []
     for name in cfg.DATASETS.NAMES:
         items.extend(DATASET_REGISTRY.get(name)(root=fastreid_build._root, **kwargs).train)

@@ -66,6 +66,9 @@ def train(method, seed, out_dir, val, force, bar):
             if proc.wait() != 0:
                 raise SystemExit(f"training {METHODS[method]} seed {seed} failed (exit {proc.returncode}); "
                                  f"see {log.name}")
+        for name in os.listdir(out_dir):  # keep model_final.pth only (45 MB each)
+            if name.startswith("model_") and name != "model_final.pth":
+                os.remove(os.path.join(out_dir, name))
     with open(done) as f:
         return json.load(f)
 

@@ -83,6 +83,21 @@ def _patch_rank_evaluator():
     reid_evaluation.ReidEvaluator._compile_dependencies = _compile_dependencies
 
 
+def _patch_contiguous_optimizer():
+    # DefaultTrainer.build_optimizer -> fastreid.solver.build_optimizer(contiguous=True) flattens
+    # the parameters into one buffer whose .grad the optimizer reads. torch >= 2.0's
+    # optimizer.zero_grad() defaults to set_to_none=True: it drops that buffer's .grad while
+    # backward keeps writing into the per-parameter views, so step() skips every parameter and
+    # the model never trains (the loss stays flat; no error). Build the plain parameter groups.
+    from fastreid.engine import defaults
+    from fastreid.solver import build_optimizer
+
+    def build_plain_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model, contiguous=False)
+
+    defaults.DefaultTrainer.build_optimizer = classmethod(build_plain_optimizer)
+
+
 def apply():
     """Apply every patch once (idempotent)."""
     global _applied
@@ -92,6 +107,7 @@ def apply():
     _patch_torch_six()
     _patch_dataloader()
     _patch_rank_evaluator()
+    _patch_contiguous_optimizer()
     _applied = True
 
 

@@ -19,6 +19,8 @@ DATASETS.LONG_TAIL (read by the ``*_LT`` datasets, paper Section 4.1):
     NUM_HEAD     H: the H identities with most images are kept whole
     TAIL_IMAGES  S: every other identity keeps S images
     SEED         seed of the choice of the S images
+    SPLIT_FILE   a published split (JSON, as written to OUTPUT_DIR/long_tail_split.json by every
+                 run) to train on instead of recomputing it ("" = compute from H, S, SEED)
 """
 from fastreid.config import CfgNode as CN
 
@@ -43,6 +45,7 @@ def add_leap_config(cfg):
     _C.DATASETS.LONG_TAIL.NUM_HEAD = 20
     _C.DATASETS.LONG_TAIL.TAIL_IMAGES = 5
     _C.DATASETS.LONG_TAIL.SEED = 0
+    _C.DATASETS.LONG_TAIL.SPLIT_FILE = ""
 
     _C.SEED = -1
     return cfg

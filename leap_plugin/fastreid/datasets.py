@@ -6,7 +6,12 @@ the top H whole, keep S images of every other identity (seeded, deterministic). 
 are the host's, untouched. ``register_long_tail(name)`` makes the ``_LT`` of any registered
 ImageDataset. H, S and the seed come from DATASETS.LONG_TAIL (``LEAPTrainer`` passes them as the
 ``long_tail`` argument).
+
+Published splits: every ``_LT`` dataset built by LEAPTrainer writes its split (identity -> kept
+images, with H, S and the seed) as JSON into OUTPUT_DIR; DATASETS.LONG_TAIL.SPLIT_FILE loads such
+a file instead of recomputing the split, so two users with the same file train on the same images.
 """
+import json
 import logging
 import os
 from collections import defaultdict
@@ -31,6 +36,34 @@ def long_tail_items(items, num_head, tail_images, seed):
     return [item for pid in split for item in split[pid]]
 
 
+def save_split(path, name, items, params, root):
+    """Write the kept training images per identity (paths relative to the datasets root)."""
+    identities = defaultdict(list)
+    for img_path, pid, _ in items:
+        identities[str(pid)].append(os.path.relpath(img_path, root))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"dataset": name, "rule": "leap_plugin.core.longtail.longtail_split", **params,
+                   "num_images": len(items), "identities": identities}, f, indent=1, sort_keys=True)
+
+
+def load_split(path, name, items, root):
+    """The training items a split file keeps; an error names any image the dataset lacks."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"DATASETS.LONG_TAIL.SPLIT_FILE={path!r} does not exist")
+    with open(path) as f:
+        split = json.load(f)
+    if split.get("dataset") != name:
+        raise ValueError(f"split file {path} is for {split.get('dataset')!r}, not {name}")
+    by_key = {(str(pid), os.path.relpath(img_path, root)): (img_path, pid, camid) for img_path, pid, camid in items}
+    wanted = [(pid, rel) for pid, rels in sorted(split["identities"].items()) for rel in rels]
+    missing = [key for key in wanted if key not in by_key]
+    if missing:
+        raise ValueError(f"split file {path}: {len(missing)} images are not in {name} under {root}, "
+                         f"e.g. identity {missing[0][0]} image {missing[0][1]}")
+    return [by_key[key] for key in wanted]
+
+
 def register_long_tail(base_name: str):
     """Register ``<base_name>_LT``: the registered dataset ``base_name`` with a long-tailed train set."""
     name = base_name + "_LT"
@@ -42,6 +75,7 @@ def register_long_tail(base_name: str):
 
     def __init__(self, root="datasets", long_tail=None, **kwargs):
         params = dict(LONG_TAIL_DEFAULTS, **(long_tail or {}))
+        split_file, save_to = params.pop("split_file", ""), params.pop("save_split", "")
         try:
             base.__init__(self, root=root, **kwargs)
         except RuntimeError as err:
@@ -52,11 +86,17 @@ def register_long_tail(base_name: str):
                 f"variable FASTREID_DATASETS (now {os.environ.get('FASTREID_DATASETS', 'unset: ./datasets')!r}); "
                 f"put {base_name} there in its usual layout or point FASTREID_DATASETS at it") from None
         full = self.train
-        self._train = long_tail_items(full, **params)
+        if split_file:
+            self._train = load_split(split_file, name, full, root)
+            source = f"split file {split_file}"
+        else:
+            self._train = long_tail_items(full, **params)
+            source = f"<H{params['num_head']}, S{params['tail_images']}> seed {params['seed']}"
+        if save_to:
+            save_split(save_to, name, self._train, params, root)
         if self.mode == "train":
             self.data = self._train
-        logger.info(f"{name}: <H{params['num_head']}, S{params['tail_images']}> seed {params['seed']}: "
-                    f"{len(self._train)} of {len(full)} training images kept")
+        logger.info(f"{name}: {source}: {len(self._train)} of {len(full)} training images kept")
 
     cls = type(name, (base,), {"__init__": __init__, "__doc__": f"{base_name} with a long-tailed train set "
                                "(paper Section 4.1; DATASETS.LONG_TAIL)."})

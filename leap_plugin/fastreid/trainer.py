@@ -4,15 +4,17 @@ It hands the training set's class counts K_i (relabelled ids, as CommDataset num
 LEAPHead, passes DATASETS.LONG_TAIL to the ``*_LT`` datasets, and adds ``LEAPEpochHook``. With
 any other head it trains exactly like DefaultTrainer.
 """
+import os
 from collections import Counter
 
 from fastreid.data import build_reid_train_loader
 from fastreid.engine import DefaultTrainer
+from fastreid.utils import comm
 
 from .head import find_leap_head
 from .hooks import LEAPEpochHook
 
-__all__ = ["LEAPTrainer", "class_counts"]
+__all__ = ["LEAPTrainer", "class_counts", "long_tail_kwargs"]
 
 
 def class_counts(train_set):
@@ -21,9 +23,13 @@ def class_counts(train_set):
     return [counts[pid] for pid in train_set.pids]
 
 
-def long_tail_kwargs(cfg):
+def long_tail_kwargs(cfg, publish=True):
+    """The ``long_tail`` argument of the ``*_LT`` datasets; ``publish``: write the split to OUTPUT_DIR."""
     lt = cfg.DATASETS.LONG_TAIL
-    return {"long_tail": {"num_head": lt.NUM_HEAD, "tail_images": lt.TAIL_IMAGES, "seed": lt.SEED}}
+    publish = publish and cfg.OUTPUT_DIR and comm.is_main_process()
+    save = os.path.join(cfg.OUTPUT_DIR, "long_tail_split.json") if publish else ""
+    return {"long_tail": {"num_head": lt.NUM_HEAD, "tail_images": lt.TAIL_IMAGES, "seed": lt.SEED,
+                          "split_file": lt.SPLIT_FILE, "save_split": save}}
 
 
 class LEAPTrainer(DefaultTrainer):

@@ -51,3 +51,23 @@ def test_cython_and_python_evaluators_agree():
     py = evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams, use_cython=False)
     for a, b in zip(cy, py):
         np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_default_trainer_optimizer_really_updates_the_model():
+    # upstream: contiguous parameter buffers + torch 2's zero_grad(set_to_none=True) = no update
+    from fastreid.engine import DefaultTrainer
+    from fastreid.modeling import build_model
+    from fastreid.utils.events import EventStorage
+    from reid_fixtures import tiny_cfg
+    cfg = tiny_cfg("cosface.yml", **{"MODEL.HEADS.NUM_CLASSES": 4})
+    model = build_model(cfg)
+    optimizer, _ = DefaultTrainer.build_optimizer(cfg, model)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    batch = {"images": torch.rand(8, 3, 64, 32) * 255, "targets": torch.tensor([0, 1, 2, 3] * 2)}
+    with EventStorage(0):
+        for _ in range(2):
+            optimizer.zero_grad()
+            sum(model(batch).values()).backward()
+            optimizer.step()
+    changed = [k for k, v in model.named_parameters() if not torch.equal(v, before[k])]
+    assert "backbone.conv1.weight" in changed and "heads.weight" in changed

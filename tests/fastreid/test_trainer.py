@@ -73,3 +73,21 @@ def test_train_evaluate_checkpoint_resume(datasets_root, tmp_path):
     for key, value in saved.items():
         assert torch.equal(fresh.stats.state_dict()[key], value), key
     assert resumed.start_epoch == 2
+
+
+def test_published_split_file_reproduces_the_split(datasets_root, tmp_path):
+    from leap_plugin.fastreid.trainer import long_tail_kwargs
+    cfg = tiny_cfg(output_dir=str(tmp_path / "a"), **{"DATASETS.LONG_TAIL.SEED": 3})
+    kwargs = long_tail_kwargs(cfg)
+    published = DATASET_REGISTRY.get("Market1501_LT")(root=datasets_root, **kwargs)
+    path = kwargs["long_tail"]["save_split"]
+    assert path.endswith("long_tail_split.json") and os.path.exists(path)
+    # another user, another seed in the config, the same file: the same images
+    other = tiny_cfg(**{"DATASETS.LONG_TAIL.SEED": 99, "DATASETS.LONG_TAIL.SPLIT_FILE": path})
+    loaded = DATASET_REGISTRY.get("Market1501_LT")(root=datasets_root, **long_tail_kwargs(other, publish=False))
+    assert loaded.train == published.train
+    reseeded = DATASET_REGISTRY.get("Market1501_LT")(
+        root=datasets_root, long_tail={"num_head": 4, "tail_images": 3, "seed": 99})
+    assert reseeded.train != published.train  # the seed matters, so the file is what pins the split
+    with pytest.raises(ValueError, match="not Omniglot_LT"):
+        DATASET_REGISTRY.get("Omniglot_LT")(root=datasets_root, long_tail={"split_file": path})
