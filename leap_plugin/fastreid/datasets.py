@@ -44,7 +44,7 @@ def save_split(path, name, items, params, root):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump({"dataset": name, "rule": "leap_plugin.core.longtail.longtail_split", **params,
-                   "num_images": len(items), "identities": identities}, f, indent=1, sort_keys=True)
+                   "num_images": len(items), "identities": identities}, f, indent=1)  # order kept
 
 
 def load_split(path, name, items, root):
@@ -56,7 +56,7 @@ def load_split(path, name, items, root):
     if split.get("dataset") != name:
         raise ValueError(f"split file {path} is for {split.get('dataset')!r}, not {name}")
     by_key = {(str(pid), os.path.relpath(img_path, root)): (img_path, pid, camid) for img_path, pid, camid in items}
-    wanted = [(pid, rel) for pid, rels in sorted(split["identities"].items()) for rel in rels]
+    wanted = [(pid, rel) for pid, rels in split["identities"].items() for rel in rels]  # file order
     missing = [key for key in wanted if key not in by_key]
     if missing:
         raise ValueError(f"split file {path}: {len(missing)} images are not in {name} under {root}, "

@@ -22,7 +22,7 @@ Protocol (fixed, identity-disjoint, the same on every machine):
 The source is found in this order: the ``OMNIGLOT_ROOT`` environment variable (a folder or a
 zip), ``<datasets root>/omniglot/`` (a folder or ``images_background_small1.zip``), the copy in
 ``../shared/data/omniglot/`` beside this repository, and finally a download of
-``images_background_small1.zip`` from the public brendenlake/omniglot repository, checked by
+``images_background_small1.zip`` (into ``<datasets root>/omniglot/``) from the public brendenlake/omniglot repository, checked by
 sha256.
 """
 import hashlib
@@ -121,10 +121,12 @@ def prepare(source, datasets_root):
     PIL cannot convert back (``Cannot handle this data type: (1, 1, 3), |b1``).
     """
     key = hashlib.sha256(os.path.abspath(source).encode()).hexdigest()[:12]
-    dest = os.path.join(datasets_root, "omniglot", "prepared-" + key)
+    dest = os.path.join(datasets_root, "omniglot-prepared", key)
     if os.path.isfile(os.path.join(dest, ".complete")):
         return dest
     files = list(_source_files(source))
+    if not files:
+        raise FileNotFoundError(f"no Omniglot images (<alphabet>/character<NN>/<id>_<drawer>.png) in {source}")
     for rel, opener in tqdm(files, desc="preparing Omniglot", unit="img", disable=None):
         out = os.path.join(dest, rel)
         os.makedirs(os.path.dirname(out), exist_ok=True)

@@ -52,7 +52,7 @@ def test_protocol_is_identity_disjoint(shared_omniglot):
     assert val_query <= train_chars and not val_query & val_train and not val_train & query_chars
     assert len(val_train) == 68
     # round-robin order: the test characters span all five alphabets
-    assert len({p.split(os.sep)[-3] for p in query_chars}) == 5
+    assert len({p.split(os.sep)[-2] for p in query_chars}) == 5
 
 
 @needs_shared
