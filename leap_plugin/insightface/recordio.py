@@ -186,7 +186,21 @@ def unpack_img(record: bytes, iscolor: int = -1) -> Tuple[IRHeader, np.ndarray]:
 
 # --------------------------------------------------------------------------- sequential files
 
-class RecordWriter:
+class _RecordFile:
+    """Closing and context-manager support of the sequential reader and writer (``self._file``)."""
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class RecordWriter(_RecordFile):
     """Writes records to a ``.rec`` file (``mx.recordio.MXRecordIO(path, 'w')``).
 
     ``with RecordWriter("a.rec") as w: w.write(b"...")``; the file is truncated on open.
@@ -206,18 +220,9 @@ class RecordWriter:
         """Byte offset where the next record starts (what goes into the ``.idx`` file)."""
         return self._file.tell()
 
-    def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
-class RecordReader:
+class RecordReader(_RecordFile):
     """Reads records from a ``.rec`` file one at a time (``mx.recordio.MXRecordIO(path, 'r')``).
 
     ``read()`` returns the next payload, or None at the end of the file; iterating yields every
@@ -298,15 +303,6 @@ class RecordReader:
                 return
             yield payload
 
-    def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 # --------------------------------------------------------------------------- indexed files
