@@ -45,8 +45,11 @@ def run_opts(seed, out_dir, val):
     return opts
 
 
-def train(method, seed, out_dir, val, force, bar):
-    """Train + evaluate one run with tools/train_net.py; returns its final_results.json."""
+def train(method, seed, out_dir, val, force, bar, extra_opts=()):
+    """Train + evaluate one run with tools/train_net.py; returns its final_results.json.
+
+    ``extra_opts``: more KEY VALUE config overrides (tools/ablate.py's options).
+    """
     done = os.path.join(out_dir, "final_results.json")
     if force and os.path.isdir(out_dir):
         shutil.rmtree(out_dir)
@@ -55,7 +58,7 @@ def train(method, seed, out_dir, val, force, bar):
         config = os.path.join(REPO, "configs", "fastreid", "Omniglot_LT", f"{method}.yml")
         resume = ["--resume"] if os.path.exists(os.path.join(out_dir, "last_checkpoint")) else []
         cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", config, *resume,
-               *run_opts(seed, out_dir, val)]
+               *run_opts(seed, out_dir, val), *extra_opts]
         with open(os.path.join(out_dir, "train.log"), "w") as log:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
             for line in proc.stdout:
@@ -73,13 +76,13 @@ def train(method, seed, out_dir, val, force, bar):
         return json.load(f)
 
 
-def analyse(method, seed, run_dir, val):
+def analyse(method, seed, run_dir, val, extra_opts=()):
     """Angular statistics of a trained model on its training classes (tools/analyze.py)."""
     from analyze import analyze_run, setup
     summary_path = os.path.join(run_dir, "analysis", "analysis.json")
     if not os.path.exists(summary_path):
         config = os.path.join(REPO, "configs", "fastreid", "Omniglot_LT", f"{method}.yml")
-        cfg = setup(config, run_opts(seed, run_dir, val))
+        cfg = setup(config, [*run_opts(seed, run_dir, val), *extra_opts])
         analyze_run(cfg, os.path.join(run_dir, "model_final.pth"), os.path.join(run_dir, "analysis"))
     with open(summary_path) as f:
         return json.load(f)
