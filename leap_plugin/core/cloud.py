@@ -11,6 +11,8 @@ perturbation alpha ~ N(0, sigma_ref^2 - sigma_y^2) added to its angles in the ma
 Classes whose variance is not known yet (fewer than 2 angles in memory) take no part: they are
 left out of the reference and get no cloud.
 """
+import math
+
 import torch
 
 from .stats import AngularStats
@@ -30,9 +32,16 @@ class FeatureCloud:
         alpha_per_logit: draw one alpha per (sample, class logit) -- the paper's
             "alpha_x in R^{1 x C}" -- (True, default) or one alpha per sample shared by all its
             logits (False).
+        target_only: perturb only the target logit's angle theta_y (Eq. 7 / 8 write alpha_y in
+            the non-target terms too, so the paper's reading is False, the default).
+        signed: alpha ~ N(0, s^2) as the paper states (True, default), or |alpha| (False: the
+            cloud only ever widens the angle to the class weight).
+        min_angles: a class's variance is trusted (enters the reference and gets a cloud) once
+            its angle memory holds at least this many angles (>= 2; the paper does not say).
     """
 
-    def __init__(self, version: str = "full", head_threshold=None, alpha_per_logit: bool = True):
+    def __init__(self, version: str = "full", head_threshold=None, alpha_per_logit: bool = True,
+                 target_only: bool = False, signed: bool = True, min_angles: int = 2):
         if version not in VERSIONS:
             raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
         if version == "vanilla":
@@ -41,13 +50,24 @@ class FeatureCloud:
                                  "more than T images is a head class (paper Section 3.4)")
             if int(head_threshold) != head_threshold or head_threshold < 0:
                 raise ValueError(f"head_threshold must be a non-negative integer, got {head_threshold}")
+        if int(min_angles) != min_angles or min_angles < 2:
+            raise ValueError(f"min_angles must be an integer >= 2 (a variance needs 2 angles), got {min_angles}")
         self.version = version
         self.head_threshold = None if head_threshold is None else int(head_threshold)
         self.alpha_per_logit = bool(alpha_per_logit)
+        self.target_only = bool(target_only)
+        self.signed = bool(signed)
+        self.min_angles = int(min_angles)
 
     def __repr__(self):
         return (f"FeatureCloud(version={self.version!r}, head_threshold={self.head_threshold}, "
-                f"alpha_per_logit={self.alpha_per_logit})")
+                f"alpha_per_logit={self.alpha_per_logit}, target_only={self.target_only}, "
+                f"signed={self.signed}, min_angles={self.min_angles})")
+
+    def trusted_var(self, stats: AngularStats) -> torch.Tensor:
+        """[C] sigma_i^2, NaN for classes with fewer than ``min_angles`` angles in memory."""
+        var = stats.var
+        return torch.where(stats.num_angles >= self.min_angles, var, torch.full_like(var, math.nan))
 
     def is_head(self, class_counts: torch.Tensor) -> torch.Tensor:
         """[C] bool: head classes by the vanilla threshold (all False for the full version)."""
@@ -71,7 +91,7 @@ class FeatureCloud:
 
     def reference_var(self, stats: AngularStats) -> torch.Tensor:
         """sigma_h^2 (vanilla, Eq. 6) or sigma^2 (full, Eq. 9) of the tracked statistics."""
-        return self.reference_var_from(stats.var, stats.class_counts)
+        return self.reference_var_from(self.trusted_var(stats), stats.class_counts)
 
     def std_from(self, var: torch.Tensor, class_counts: torch.Tensor, labels: torch.Tensor):
         """[B] cloud std sqrt(max(sigma_ref^2 - sigma_y^2, 0)); 0 for head, unknown or -1 labels."""
@@ -84,13 +104,21 @@ class FeatureCloud:
 
     def std(self, stats: AngularStats, labels: torch.Tensor) -> torch.Tensor:
         """[B] cloud std of each sample's class (Section 3.4); 0 where the class gets no cloud."""
-        return self.std_from(stats.var, stats.class_counts, labels.to(stats.var.device))
+        return self.std_from(self.trusted_var(stats), stats.class_counts, labels.to(stats.var.device))
 
-    def sample_from_std(self, std: torch.Tensor, num_logits: int, generator=None) -> torch.Tensor:
-        """alpha ~ N(0, std^2): [B, num_logits] if alpha_per_logit else [B, 1]."""
-        cols = num_logits if self.alpha_per_logit else 1
-        noise = torch.randn(std.shape[0], cols, device=std.device, generator=generator)
-        return noise * std[:, None]
+    def sample_from_std(self, std: torch.Tensor, num_logits: int, generator=None, labels=None) -> torch.Tensor:
+        """alpha ~ N(0, std^2): [B, num_logits] if alpha_per_logit else [B, 1]; with target_only,
+        [B, num_logits] that is zero but in each row's target column (``labels`` needed)."""
+        cols = num_logits if self.alpha_per_logit and not self.target_only else 1
+        alpha = torch.randn(std.shape[0], cols, device=std.device, generator=generator) * std[:, None]
+        if not self.signed:
+            alpha = alpha.abs()
+        if self.target_only:
+            if labels is None:
+                raise ValueError("target_only alpha needs the labels (the target column of each row)")
+            alpha = torch.zeros(std.shape[0], num_logits, device=std.device).scatter_(
+                1, labels.clamp(min=0)[:, None], alpha)
+        return alpha
 
     def sample(self, stats: AngularStats, labels: torch.Tensor, generator=None,
                num_logits=None) -> torch.Tensor:
@@ -103,4 +131,4 @@ class FeatureCloud:
             num_logits: number of logit columns (default: stats.num_classes).
         """
         num_logits = stats.num_classes if num_logits is None else num_logits
-        return self.sample_from_std(self.std(stats, labels), num_logits, generator)
+        return self.sample_from_std(self.std(stats, labels), num_logits, generator, labels)

@@ -10,6 +10,9 @@ from MODEL.HEADS.SCALE / MODEL.HEADS.MARGIN):
     CENTER_RATE      gamma of Eq. 4 (paper: 0.1)
     START_EPOCH      the epoch from which the feature cloud is applied (paper Fig. 5: 10-30)
     ALPHA_PER_LOGIT  one alpha per (sample, logit) (paper: "alpha_x in R^{1 x C}") or per sample
+    TARGET_ONLY      alpha on the target logit only (paper, Eq. 7/8: on every logit -> False)
+    SIGNED_ALPHA     alpha ~ N(0, s^2) as the paper states (True) or |alpha| (False)
+    MIN_ANGLES       angles a class needs in memory before its variance is trusted (>= 2)
 
 SEED (tools/train_net.py): seed of every RNG (data order, initialisation, alpha); -1 = random,
 as FastReID does by default.
@@ -40,6 +43,9 @@ def add_leap_config(cfg):
     _C.MODEL.HEADS.LEAP.CENTER_RATE = 0.1
     _C.MODEL.HEADS.LEAP.START_EPOCH = 20
     _C.MODEL.HEADS.LEAP.ALPHA_PER_LOGIT = True
+    _C.MODEL.HEADS.LEAP.TARGET_ONLY = False
+    _C.MODEL.HEADS.LEAP.SIGNED_ALPHA = True
+    _C.MODEL.HEADS.LEAP.MIN_ANGLES = 2
 
     _C.DATASETS.LONG_TAIL = CN()
     _C.DATASETS.LONG_TAIL.NUM_HEAD = 20

@@ -25,11 +25,11 @@ class LEAPHead(EmbeddingHead):
 
     @configurable
     def __init__(self, *, leap_version, head_threshold, memory_factor, center_rate, start_epoch,
-                 alpha_per_logit, **kwargs):
+                 alpha_per_logit, target_only, signed_alpha, min_angles, **kwargs):
         super().__init__(**kwargs)
         self.margin = CLS_LAYER_MARGINS[kwargs["cls_type"]]
         self.cloud = FeatureCloud(leap_version, None if head_threshold < 0 else head_threshold,
-                                  alpha_per_logit)
+                                  alpha_per_logit, target_only, signed_alpha, min_angles)
         self.memory_factor, self.center_rate = memory_factor, center_rate
         self.start_epoch = start_epoch
         self.epoch = 0
@@ -49,14 +49,17 @@ class LEAPHead(EmbeddingHead):
         for key, value, ok in (("VERSION", leap.VERSION, leap.VERSION in ("full", "vanilla")),
                                ("MEMORY_FACTOR", leap.MEMORY_FACTOR, int(leap.MEMORY_FACTOR) >= 1),
                                ("CENTER_RATE", leap.CENTER_RATE, 0 <= leap.CENTER_RATE < 1),
-                               ("START_EPOCH", leap.START_EPOCH, leap.START_EPOCH >= 0)):
+                               ("START_EPOCH", leap.START_EPOCH, leap.START_EPOCH >= 0),
+                               ("MIN_ANGLES", leap.MIN_ANGLES, int(leap.MIN_ANGLES) >= 2)):
             if not ok:
                 raise ValueError(f"MODEL.HEADS.LEAP.{key}={value!r} is invalid: expected "
                                  + {"VERSION": "'full' or 'vanilla'", "MEMORY_FACTOR": "an integer >= 1",
-                                    "CENTER_RATE": "a value in [0, 1)", "START_EPOCH": "an epoch >= 0"}[key])
+                                    "CENTER_RATE": "a value in [0, 1)", "START_EPOCH": "an epoch >= 0",
+                                    "MIN_ANGLES": "an integer >= 2"}[key])
         args.update(leap_version=leap.VERSION, head_threshold=leap.HEAD_THRESHOLD,
                     memory_factor=leap.MEMORY_FACTOR, center_rate=leap.CENTER_RATE,
-                    start_epoch=leap.START_EPOCH, alpha_per_logit=leap.ALPHA_PER_LOGIT)
+                    start_epoch=leap.START_EPOCH, alpha_per_logit=leap.ALPHA_PER_LOGIT,
+                    target_only=leap.TARGET_ONLY, signed_alpha=leap.SIGNED_ALPHA, min_angles=leap.MIN_ANGLES)
         return args
 
     def set_class_counts(self, class_counts):
@@ -102,7 +105,7 @@ class LEAPHead(EmbeddingHead):
             angles = self.stats.update(embedding, targets)
             std = self.cloud.std(self.stats, targets)
             if self.cloud_active:
-                alpha = self.cloud.sample_from_std(std, cosine.shape[1])
+                alpha = self.cloud.sample_from_std(std, cosine.shape[1], labels=targets)
             self.last_metrics = self._metrics(angles, std, alpha)
         cls_outputs = leap_logits(cosine, targets, alpha, self.margin, self.cls_layer.s, self.cls_layer.m)
         return {

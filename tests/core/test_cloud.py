@@ -92,3 +92,32 @@ def test_sample_shape_and_generator_reproducible():
 def test_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FeatureCloud(**kwargs)
+
+
+def test_target_only_and_unsigned_alpha():
+    std = torch.tensor([0.2, 0.0, 0.3])
+    labels = torch.tensor([2, 0, -1])
+    gen = torch.Generator().manual_seed(0)
+    alpha = FeatureCloud(target_only=True).sample_from_std(std, 4, gen, labels)
+    assert alpha.shape == (3, 4)
+    nonzero = alpha != 0
+    assert nonzero[0].tolist() == [False, False, True, False]  # only the target column
+    assert not nonzero[1].any()  # std 0
+    many = FeatureCloud(signed=False).sample_from_std(std.repeat(1000), 5, gen)
+    assert (many >= 0).all() and many.max() > 0
+    with pytest.raises(ValueError, match="needs the labels"):
+        FeatureCloud(target_only=True).sample_from_std(std, 4, gen)
+
+
+def test_min_angles_hides_untrusted_variances():
+    stats = AngularStats(torch.tensor([10, 10]), 3, memory_factor=1)
+    gen = torch.Generator().manual_seed(0)
+    stats.update(torch.randn(12, 3, generator=gen), torch.tensor([0] * 9 + [1] * 3))
+    assert not torch.isnan(stats.var).any()
+    cloud = FeatureCloud("full", min_angles=5)
+    trusted = cloud.trusted_var(stats)
+    assert not torch.isnan(trusted[0]) and torch.isnan(trusted[1])  # class 1 has 3 < 5 angles
+    assert cloud.reference_var(stats).item() == pytest.approx(stats.var[0].item())
+    assert cloud.std(stats, torch.tensor([1])).item() == 0
+    with pytest.raises(ValueError, match="min_angles"):
+        FeatureCloud(min_angles=1)

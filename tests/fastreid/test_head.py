@@ -81,6 +81,7 @@ def test_training_without_class_counts_says_how_to_fix():
     ({"MODEL.HEADS.LEAP.VERSION": "vanilla"}, "MODEL.HEADS.LEAP.HEAD_THRESHOLD must be set"),
     ({"MODEL.HEADS.LEAP.CENTER_RATE": 1.5}, "MODEL.HEADS.LEAP.CENTER_RATE=1.5"),
     ({"MODEL.HEADS.LEAP.MEMORY_FACTOR": 0}, "MODEL.HEADS.LEAP.MEMORY_FACTOR=0"),
+    ({"MODEL.HEADS.LEAP.MIN_ANGLES": 1}, "MODEL.HEADS.LEAP.MIN_ANGLES=1"),
 ])
 def test_config_errors_name_the_key(opts, match):
     cfg = tiny_cfg(**dict(opts, **{"MODEL.HEADS.NUM_CLASSES": 3}))
