@@ -93,26 +93,30 @@ class FeatureCloud:
         """sigma_h^2 (vanilla, Eq. 6) or sigma^2 (full, Eq. 9) of the tracked statistics."""
         return self.reference_var_from(self.trusted_var(stats), stats.class_counts)
 
-    def std_from(self, var: torch.Tensor, class_counts: torch.Tensor, labels: torch.Tensor):
-        """[B] cloud std sqrt(max(sigma_ref^2 - sigma_y^2, 0)); 0 for head, unknown or -1 labels."""
-        ref = self.reference_var_from(var, class_counts)
+    def std_from(self, var: torch.Tensor, class_counts: torch.Tensor, labels: torch.Tensor, ref=None):
+        """[B] cloud std sqrt(max(sigma_ref^2 - sigma_y^2, 0)); 0 for head, unknown or -1 labels.
+
+        ``ref``: the reference variance if already computed (``reference_var_from(var, class_counts)``).
+        """
+        if ref is None:
+            ref = self.reference_var_from(var, class_counts)
         safe = labels.clamp(min=0)
         var_y = var[safe]
         gap = (ref - var_y).clamp(min=0)
-        eligible = (labels >= 0) & ~torch.isnan(gap) & ~self.is_head(class_counts)[safe]
+        eligible = (labels >= 0) & ~torch.isnan(gap) & ~self.is_head(class_counts[safe])
         return torch.where(eligible, gap, torch.zeros_like(gap)).sqrt()
 
     def std(self, stats: AngularStats, labels: torch.Tensor) -> torch.Tensor:
         """[B] cloud std of each sample's class (Section 3.4); 0 where the class gets no cloud."""
-        return self.std_from(self.trusted_var(stats), stats.class_counts, labels.to(stats.var.device))
+        return self.std_from(self.trusted_var(stats), stats.class_counts, labels.to(stats.centers.device))
 
     def sample_from_std(self, std: torch.Tensor, num_logits: int, generator=None, labels=None) -> torch.Tensor:
         """alpha ~ N(0, std^2): [B, num_logits] if alpha_per_logit else [B, 1]; with target_only,
         [B, num_logits] that is zero but in each row's target column (``labels`` needed)."""
         cols = num_logits if self.alpha_per_logit and not self.target_only else 1
-        alpha = torch.randn(std.shape[0], cols, device=std.device, generator=generator) * std[:, None]
+        alpha = torch.randn(std.shape[0], cols, device=std.device, generator=generator).mul_(std[:, None])
         if not self.signed:
-            alpha = alpha.abs()
+            alpha.abs_()
         if self.target_only:
             if labels is None:
                 raise ValueError("target_only alpha needs the labels (the target column of each row)")

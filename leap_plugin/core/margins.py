@@ -12,10 +12,15 @@ gets alpha but no margin.
 cos(theta + a) is evaluated as cos(theta) cos(a) - sin(theta) sin(a) with sin(theta) =
 sqrt(1 - cos^2 theta) >= 0, so alpha = 0 returns the input cosine bit for bit, and the gradient
 stays finite at cos(theta) = +-1 (where d acos / d cos is infinite).
+
+Cost: Eq. 7 / 8 are one autograd node whose backward is one multiplication by the saved
+derivative; the [B, C] part is made of arithmetic passes only (no arccos, no boolean masks), and
+the target column (one per row) is computed on its own, B values, then written in.
 """
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .stats import check_labels
 
@@ -23,16 +28,95 @@ __all__ = ["leap_logits", "MARGINS"]
 
 MARGINS = ("cos", "arc")
 _TINY = 1e-12  # floor of sin^2(theta): keeps d sin / d cos finite at cos = +-1
+_BELOW_PI = 3.141592502593994  # the float32 just below pi (sin of it is > 0)
 
 
-def cos_shifted(cosine: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """cos(clip(theta + shift, 0, pi)) for theta = arccos(cosine), computed in float32."""
-    sine = (1.0 - cosine.square()).clamp(min=_TINY).sqrt()
-    shifted = cosine * torch.cos(shift) - sine * torch.sin(shift)
-    with torch.no_grad():
-        total = torch.acos(cosine.clamp(-1.0, 1.0)) + shift
-    shifted = torch.where(total > math.pi, torch.full_like(shifted, -1.0), shifted)
-    return torch.where(total < 0, torch.ones_like(shifted), shifted)
+def shifted_cos(cosine, shift, scale=1.0, grad_cosine=False, grad_shift=False):
+    """s * cos(clip(theta + shift, 0, pi)) for theta = arccos(cosine), and its derivatives.
+
+    No autograd here (see :class:`_LEAPLogits`). With S = sin(theta) = sqrt(max(1 - cos^2, 1e-12))
+    and (a, b) = (cos shift, sin shift):
+
+        cos(theta + shift) = cosine * a - S * b,    sin(theta + shift) = S * a + cosine * b.
+
+    For shift in [-pi, pi] (a larger |shift| clips the same way, so it is clamped first, to the
+    float just below pi, where sin > 0), theta + shift lies in [-pi, 2 pi] and leaves [0, pi]
+    exactly when sin(theta + shift) < 0: above pi if shift > 0 (value -1), below 0 if shift < 0
+    (value 1) -- no arccos needed. Inside [0, pi], d/d cosine = a + cosine * b / S (just a at
+    cosine = +-1, where S is the constant floor) and d/d shift = -sin(theta + shift); both are 0
+    where clipped.
+
+    Returns (value, d value / d cosine or None, d value / d shift or None), all of the broadcast
+    shape. Every [B, C] step is a float pass, in place where it can be: boolean masks,
+    ``torch.where`` and fresh [B, C] buffers cost several arithmetic passes each on CPU.
+    """
+    a = shift.clamp(-_BELOW_PI, _BELOW_PI)
+    b = torch.sin(a)
+    a.cos_()
+    sin2 = torch.addcmul(cosine.new_ones(()), cosine, cosine, value=-1.0)  # 1 - cos^2
+    sine = sin2.clamp(min=_TINY).sqrt_()
+    out = (cosine * a).addcmul_(sine, b, value=-1.0)  # cos(theta + shift), unclipped
+    cos_b = cosine * b
+    sign = b.sign_()  # sign(shift): sin keeps the sign on [-pi, pi] below pi
+    inv_sine = sin2.clamp_(min=0.0).sqrt_().div_(sine).div_(sine) if grad_cosine else None  # 0 at floor
+    sin_sum = sine.mul_(a).add_(cos_b)  # sin(theta + shift)
+    d_shift = sin_sum.clamp(min=0.0).mul_(-scale) if grad_shift else None
+    inside = sin_sum.sign_().clamp_(min=0.0).mul_(scale)  # s where theta + shift is in [0, pi], else 0
+    d_cosine = cos_b.mul_(inv_sine).add_(a).mul_(inside) if grad_cosine else None
+    # inside: s * out + 0 (bit for bit);  clipped: 0 * out + (0 - s) * sign(shift) = -s * sign(shift)
+    out.mul_(inside).addcmul_(inside.sub_(scale), sign)
+    return out, d_cosine, d_shift
+
+
+class _LEAPLogits(torch.autograd.Function):
+    """Eq. 7 / Eq. 8 with alpha, as one autograd node: the backward is a single multiplication."""
+
+    @staticmethod
+    def forward(ctx, cosine, alpha, labels, margin, scale, margin_value):
+        grads = ctx.needs_input_grad[0], alpha is not None and ctx.needs_input_grad[1]
+        column = labels.clamp(min=0)[:, None]
+        # every column j, Eq. 7 and Eq. 8 alike: s * cos(theta_j + alpha)
+        if alpha is None:
+            logits, d_cosine, d_alpha = cosine * scale, None, None
+        else:
+            logits, d_cosine, d_alpha = shifted_cos(cosine, alpha, scale, *grads)
+        # the target column y, B values: s * (cos(theta_y + alpha) - m) (Eq. 7) or
+        # s * cos(theta_y + alpha + m) (Eq. 8); a row labelled -1 keeps the plain value
+        cos_y = cosine.gather(1, column)
+        alpha_y = (cosine.new_zeros(()) if alpha is None else alpha if alpha.shape[1] == 1
+                   else alpha.gather(1, column))
+        if margin == "cos":  # Eq. 7
+            y, dc_y, da_y = shifted_cos(cos_y, alpha_y, 1.0, *grads)
+            y = (y - margin_value) * scale  # as the host's CosSoftmax rounds it
+            dc_y, da_y = (None if d is None else d * scale for d in (dc_y, da_y))
+        else:  # Eq. 8
+            y, dc_y, da_y = shifted_cos(cos_y, alpha_y + margin_value, scale, *grads)
+        no_target = labels[:, None] < 0
+        logits.scatter_(1, column, torch.where(no_target, logits.gather(1, column), y))
+        if grads[0]:
+            if d_cosine is None:  # alpha = None: the slope is s except in the target column
+                dc_y = torch.where(no_target, torch.full_like(dc_y, scale), dc_y)
+            else:
+                d_cosine.scatter_(1, column, torch.where(no_target, d_cosine.gather(1, column), dc_y))
+        if grads[1]:
+            d_alpha.scatter_(1, column, torch.where(no_target, d_alpha.gather(1, column), da_y))
+        ctx.scale, ctx.alpha_shape = scale, None if alpha is None else alpha.shape
+        ctx.save_for_backward(column, d_cosine, dc_y if grads[0] and d_cosine is None else None, d_alpha)
+        return logits
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        column, d_cosine, dc_y, d_alpha = ctx.saved_tensors
+        grad_cosine = grad_alpha = None
+        if ctx.needs_input_grad[0]:
+            if d_cosine is not None:
+                grad_cosine = grad * d_cosine
+            else:
+                grad_cosine = (grad * ctx.scale).scatter_(1, column, grad.gather(1, column) * dc_y)
+        if d_alpha is not None:
+            grad_alpha = (grad * d_alpha).sum_to_size(ctx.alpha_shape)
+        return grad_cosine, grad_alpha, None, None, None, None
 
 
 def leap_logits(cosine: torch.Tensor, labels: torch.Tensor, alpha=None, margin: str = "cos",
@@ -59,12 +143,7 @@ def leap_logits(cosine: torch.Tensor, labels: torch.Tensor, alpha=None, margin: 
         raise ValueError(f"labels must have shape [B] = [{cosine.shape[0]}], got {tuple(labels.shape)}")
     check_labels(labels, cosine.shape[1])
     cosine = cosine.float()
-    target = torch.zeros_like(cosine, dtype=torch.bool)
-    target.scatter_(1, labels.clamp(min=0)[:, None], (labels >= 0)[:, None])
-
-    if alpha is None:
-        alpha = torch.zeros((), device=cosine.device)
-    else:
+    if alpha is not None:
         alpha = alpha.float()
         if alpha.dim() == 1:
             alpha = alpha[:, None]
@@ -72,8 +151,4 @@ def leap_logits(cosine: torch.Tensor, labels: torch.Tensor, alpha=None, margin: 
             raise ValueError(f"alpha must have shape [B], [B, 1] or [B, C] = {list(cosine.shape)}, "
                              f"got {tuple(alpha.shape)}")
 
-    if margin == "cos":  # Eq. 7
-        logits = cos_shifted(cosine, alpha) - margin_value * target
-    else:  # Eq. 8
-        logits = cos_shifted(cosine, alpha + margin_value * target)
-    return logits * scale
+    return _LEAPLogits.apply(cosine, alpha, labels, margin, float(scale), float(margin_value))

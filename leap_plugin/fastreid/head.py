@@ -103,10 +103,12 @@ class LEAPHead(EmbeddingHead):
         alpha = None
         if torch.is_grad_enabled():  # a real step: not PreciseBN or any other no-grad pass
             angles = self.stats.update(embedding, targets)
-            std = self.cloud.std(self.stats, targets)
+            var = self.cloud.trusted_var(self.stats)  # [C] once per step, for std and the log
+            ref = self.cloud.reference_var_from(var, self.stats.class_counts)
+            std = self.cloud.std_from(var, self.stats.class_counts, targets, ref)
             if self.cloud_active:
                 alpha = self.cloud.sample_from_std(std, cosine.shape[1], labels=targets)
-            self.last_metrics = self._metrics(angles, std, alpha)
+            self.last_metrics = self._metrics(angles, std, alpha, ref)
         cls_outputs = leap_logits(cosine, targets, alpha, self.margin, self.cls_layer.s, self.cls_layer.m)
         return {
             "cls_outputs": cls_outputs,
@@ -114,14 +116,15 @@ class LEAPHead(EmbeddingHead):
             "features": pool_feat[..., 0, 0] if self.neck_feat == "before" else neck_feat,
         }
 
-    def _metrics(self, angles, std, alpha):
+    def _metrics(self, angles, std, alpha, reference_var):
         """Tensors for the training log (no host sync here; the hook reads them)."""
         tail = std > 0
         zero = torch.zeros((), device=std.device)
         return {
-            "leap/reference_var": self.cloud.reference_var(self.stats),
+            "leap/reference_var": reference_var,
             "leap/cloud_fraction": tail.float().mean() if alpha is not None else zero,
-            "leap/mean_abs_alpha": alpha.abs().mean() if alpha is not None else zero,
+            # mean |alpha| without a [B, C] temporary
+            "leap/mean_abs_alpha": alpha.norm(p=1) / alpha.numel() if alpha is not None else zero,
             "leap/tail_mean_angle": (angles.nan_to_num() * tail).sum() / tail.sum().clamp(min=1),
             "leap/head_mean_angle": (angles.nan_to_num() * ~tail).sum() / (~tail).sum().clamp(min=1),
         }
