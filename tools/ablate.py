@@ -36,22 +36,31 @@ VARIANTS = {
     "gamma = 0.5": ("leap_cf", ["MODEL.HEADS.LEAP.CENTER_RATE", "0.5"], "centre rate gamma (Eq. 4)"),
     "start epoch 4": ("leap_cf", ["MODEL.HEADS.LEAP.START_EPOCH", "4"], "when the cloud starts (Fig. 5)"),
     "start epoch 14": ("leap_cf", ["MODEL.HEADS.LEAP.START_EPOCH", "14"], "when the cloud starts (Fig. 5)"),
+    "angles to W_y": ("leap_cf", ["MODEL.HEADS.LEAP.ANGLE_REFERENCE", "weight"],
+                      "angles to the EMA centre (Eq. 3) vs to the class weight W_y"),
+    "centres float16": ("leap_cf", ["MODEL.HEADS.LEAP.CENTER_DTYPE", "float16"],
+                        "16-bit centre storage (the InsightFace default) vs float32"),
     "vanilla, T = 5": ("leap_cv", [], "full (Eq. 9) vs vanilla (Eq. 6)"),
 }
+# the default grid: the open choices of docs/choices.md, within 60 min on the 2-core CPU (~98 s a
+# run); the others run with --only
+EXTRA = ("centres float16", "vanilla, T = 5")
+GRID = [name for name in VARIANTS if name not in EXTRA]
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(REPO, "results", "ablation"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--only", nargs="+", choices=sorted(VARIANTS), help="a subset of the grid")
+    ap.add_argument("--only", nargs="+", choices=sorted(VARIANTS),
+                    help=f"these variants instead of the default grid (not in it: {', '.join(EXTRA)})")
     ap.add_argument("--test", action="store_true", help="test characters instead of validation")
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args()
     out = os.path.abspath(args.out + ("-test" if args.test else ""))
     os.environ.setdefault("FASTREID_DATASETS", os.path.join(REPO, "datasets"))
     val = not args.test
-    names = args.only or list(VARIANTS)
+    names = args.only or GRID
     runs = [(name, seed) for seed in args.seeds for name in names]
     results, analyses = {}, {}
     start = time.time()

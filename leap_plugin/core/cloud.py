@@ -75,23 +75,47 @@ class FeatureCloud:
             return class_counts > self.head_threshold
         return torch.zeros_like(class_counts, dtype=torch.bool)
 
-    def reference_var_from(self, var: torch.Tensor, class_counts: torch.Tensor) -> torch.Tensor:
-        """Reference variance from per-class variances [C] (NaN = unknown) and counts K_i [C].
+    def reference_sums(self, var: torch.Tensor, class_counts: torch.Tensor) -> torch.Tensor:
+        """[2] float32 (numerator, denominator) of the reference variance over these classes.
 
-        Returns a 0-dim float32 tensor: sigma_h^2 (vanilla, Eq. 6) or sigma^2 (full, Eq. 9);
-        NaN while no class qualifies.
+        Vanilla (Eq. 6): (sum of the head classes' sigma_i^2, their number); full (Eq. 9):
+        (sum (K_i - 1) sigma_i^2, sum (K_i - 1)). Classes with unknown (NaN) variance are left out.
+        Sums over disjoint class blocks add up (model parallel: an all-reduce of these two numbers).
         """
         known = ~torch.isnan(var)
         if self.version == "vanilla":
             weight = (known & self.is_head(class_counts)).float()
         else:
             weight = torch.where(known, (class_counts - 1).float(), torch.zeros_like(var))
-        total = weight.sum()
-        return torch.where(known, var, torch.zeros_like(var)).mul(weight).sum() / total
+        return torch.stack([torch.where(known, var, torch.zeros_like(var)).mul(weight).sum(), weight.sum()])
+
+    def reference_var_from(self, var: torch.Tensor, class_counts: torch.Tensor) -> torch.Tensor:
+        """Reference variance from per-class variances [C] (NaN = unknown) and counts K_i [C].
+
+        Returns a 0-dim float32 tensor: sigma_h^2 (vanilla, Eq. 6) or sigma^2 (full, Eq. 9);
+        NaN while no class qualifies.
+        """
+        numerator, denominator = self.reference_sums(var, class_counts)
+        return numerator / denominator
 
     def reference_var(self, stats: AngularStats) -> torch.Tensor:
         """sigma_h^2 (vanilla, Eq. 6) or sigma^2 (full, Eq. 9) of the tracked statistics."""
         return self.reference_var_from(self.trusted_var(stats), stats.class_counts)
+
+    def cloud_rows(self, var: torch.Tensor, class_counts: torch.Tensor, labels: torch.Tensor):
+        """``(var_y, eligible)`` for a batch: [B] sigma_y^2 (0 where not eligible) and [B] bool,
+        True where the sample's class may get a cloud (label >= 0, known variance, not head)."""
+        safe = labels.clamp(min=0)
+        var_y = var[safe]
+        eligible = (labels >= 0) & ~torch.isnan(var_y) & ~self.is_head(class_counts[safe])
+        return torch.where(eligible, var_y, torch.zeros_like(var_y)), eligible
+
+    @staticmethod
+    def std_of(ref: torch.Tensor, var_y: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+        """[B] cloud std sqrt(max(sigma_ref^2 - sigma_y^2, 0)) (Eq. 6 / 9); 0 where not eligible
+        or while the reference is unknown."""
+        gap = (ref - var_y).clamp(min=0)
+        return torch.where(eligible & ~torch.isnan(gap), gap, torch.zeros_like(gap)).sqrt()
 
     def std_from(self, var: torch.Tensor, class_counts: torch.Tensor, labels: torch.Tensor, ref=None):
         """[B] cloud std sqrt(max(sigma_ref^2 - sigma_y^2, 0)); 0 for head, unknown or -1 labels.
@@ -100,29 +124,37 @@ class FeatureCloud:
         """
         if ref is None:
             ref = self.reference_var_from(var, class_counts)
-        safe = labels.clamp(min=0)
-        var_y = var[safe]
-        gap = (ref - var_y).clamp(min=0)
-        eligible = (labels >= 0) & ~torch.isnan(gap) & ~self.is_head(class_counts[safe])
-        return torch.where(eligible, gap, torch.zeros_like(gap)).sqrt()
+        return self.std_of(ref, *self.cloud_rows(var, class_counts, labels))
 
     def std(self, stats: AngularStats, labels: torch.Tensor) -> torch.Tensor:
         """[B] cloud std of each sample's class (Section 3.4); 0 where the class gets no cloud."""
         return self.std_from(self.trusted_var(stats), stats.class_counts, labels.to(stats.centers.device))
 
-    def sample_from_std(self, std: torch.Tensor, num_logits: int, generator=None, labels=None) -> torch.Tensor:
-        """alpha ~ N(0, std^2): [B, num_logits] if alpha_per_logit else [B, 1]; with target_only,
-        [B, num_logits] that is zero but in each row's target column (``labels`` needed)."""
-        cols = num_logits if self.alpha_per_logit and not self.target_only else 1
-        alpha = torch.randn(std.shape[0], cols, device=std.device, generator=generator).mul_(std[:, None])
+    def noise_columns(self, num_logits: int) -> int:
+        """Columns of standard normal noise one row needs: num_logits per logit, else 1."""
+        return num_logits if self.alpha_per_logit and not self.target_only else 1
+
+    def alpha_from_noise(self, noise: torch.Tensor, std: torch.Tensor, num_logits: int, labels=None):
+        """alpha = noise * std (per row), |alpha| unless signed; with target_only, [B, num_logits]
+        that is zero but in each row's target column (``labels``; -1: no target, all zero).
+
+        ``noise``: [B, noise_columns(num_logits)] standard normal draws (overwritten).
+        """
+        alpha = noise.mul_(std[:, None])
         if not self.signed:
             alpha.abs_()
         if self.target_only:
             if labels is None:
                 raise ValueError("target_only alpha needs the labels (the target column of each row)")
             alpha = torch.zeros(std.shape[0], num_logits, device=std.device).scatter_(
-                1, labels.clamp(min=0)[:, None], alpha)
+                1, labels.clamp(min=0)[:, None], alpha * (labels >= 0)[:, None])
         return alpha
+
+    def sample_from_std(self, std: torch.Tensor, num_logits: int, generator=None, labels=None) -> torch.Tensor:
+        """alpha ~ N(0, std^2): [B, num_logits] if alpha_per_logit else [B, 1]; with target_only,
+        [B, num_logits] that is zero but in each row's target column (``labels`` needed)."""
+        noise = torch.randn(std.shape[0], self.noise_columns(num_logits), device=std.device, generator=generator)
+        return self.alpha_from_noise(noise, std, num_logits, labels)
 
     def sample(self, stats: AngularStats, labels: torch.Tensor, generator=None,
                num_logits=None) -> torch.Tensor:

@@ -22,7 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["AngularStats"]
+__all__ = ["AngularStats", "CENTER_DTYPES"]
+
+CENTER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def require(ok: torch.Tensor, message) -> None:
@@ -80,12 +82,15 @@ class AngularStats(nn.Module):
         center_rate: gamma in Eq. 4, the weight of the previous centre, in [0, 1).
         sync: when torch.distributed is initialised, gather features and labels from every rank
             before the update so that all ranks hold identical statistics (data parallel).
+        center_dtype: storage dtype of the centres (float32, or float16 / bfloat16 to halve the
+            C x D buffer, as for a million classes under partial FC). Eq. 4 and the angles are
+            always computed in float32; only the stored centre is rounded.
 
     Every tensor of the state is a buffer, so it is saved and restored with the host's checkpoint.
     """
 
     def __init__(self, class_counts, feat_dim: int, memory_factor: int = 1, center_rate: float = 0.1,
-                 sync: bool = True):
+                 sync: bool = True, center_dtype: torch.dtype = torch.float32):
         super().__init__()
         counts = torch.as_tensor(class_counts)
         if counts.dim() != 1 or counts.numel() == 0 or counts.dtype.is_floating_point:
@@ -101,6 +106,8 @@ class AngularStats(nn.Module):
             raise ValueError(f"memory_factor (P in Eq. 5) must be an integer >= 1, got {memory_factor}")
         if not 0.0 <= float(center_rate) < 1.0:
             raise ValueError(f"center_rate (gamma in Eq. 4) must lie in [0, 1), got {center_rate}")
+        if center_dtype not in CENTER_DTYPES:
+            raise ValueError(f"center_dtype must be one of {CENTER_DTYPES}, got {center_dtype}")
         counts = counts.long()
         num_classes = counts.numel()
         self.feat_dim = int(feat_dim)
@@ -114,7 +121,7 @@ class AngularStats(nn.Module):
         # derived from class_counts and P: not saved, rebuilt on construction
         self.register_buffer("memory_size", sizes, persistent=False)
         self.register_buffer("memory_offset", offsets, persistent=False)
-        self.register_buffer("centers", torch.zeros(num_classes, self.feat_dim))
+        self.register_buffer("centers", torch.zeros(num_classes, self.feat_dim, dtype=center_dtype))
         # one flat angle memory; the extra last slot is a scratch slot for ignored writes
         self.register_buffer("memory", torch.zeros(int(sizes.sum()) + 1))
         self.register_buffer("num_written", torch.zeros(num_classes, dtype=torch.long))
@@ -169,21 +176,31 @@ class AngularStats(nn.Module):
         return torch.cat(all_feats), torch.cat(all_labs)
 
     @torch.no_grad()
-    def update(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def update(self, features: torch.Tensor, labels: torch.Tensor, reference=None) -> torch.Tensor:
         """Update centres (Eq. 4) and angle memory (Eq. 3, 5) with a mini-batch.
 
         Args:
             features: [B, D] features (any float dtype; computed in float32, not differentiated).
             labels: [B] class indices; -1 marks a sample to ignore.
+            reference: None (the paper: each angle is measured to the sample's updated class centre)
+                or [B, D] vectors to measure it to instead, e.g. the classifier weight rows W_y
+                (an open choice, docs/choices.md); the centres are updated either way.
 
         Returns:
-            [B] float32 angles between each feature and its updated class centre (NaN for -1).
-            Under data-parallel sync, the angles of this rank's samples only.
+            [B] float32 angles between each feature and its updated class centre (or reference;
+            NaN for -1). Under data-parallel sync, the angles of this rank's samples only.
         """
         _check_features(features, labels, self.feat_dim)
         check_labels(labels, self.num_classes)
+        if reference is not None and reference.shape != features.shape:
+            raise ValueError(f"reference must have the shape of features {tuple(features.shape)}, "
+                             f"got {tuple(reference.shape)}")
         local_batch = features.shape[0]
+        if reference is not None:  # gathered with the features, side by side
+            features = torch.cat([features.detach().float(), reference.detach().float().to(features.device)], 1)
         features, labels = self._gather(features, labels)
+        if reference is not None:
+            features, reference = features.split(self.feat_dim, dim=1)
         feats = nn.functional.normalize(features.detach().float(), dim=1)
         labels = labels.to(self.centers.device)
         feats = feats.to(self.centers.device)
@@ -207,19 +224,23 @@ class AngularStats(nn.Module):
         group_count = torch.zeros(batch, dtype=torch.long, device=labels.device).index_add_(
             0, group, torch.ones_like(group))
         in_batch = group_count[group]  # n_y: samples of the same class in the batch
+        group_class = torch.zeros_like(safe).scatter_(0, group, safe)  # class of each group
 
         # Eq. 4, c <- (1 - gamma) * batch mean + gamma * c (the first sighting takes the batch mean),
-        # as one scatter-add of B rows: sample i adds r_i * (f_i - c_y) with r_i = (1 - gamma) / n_y
-        # (1 / n_y at the first sighting), so the n_y rows of class y add (1 - gamma) * (mean - c_y).
-        seen = self.num_written[safe] > 0
+        # in float32: sample i contributes r_i * (f_i - c_y) with r_i = (1 - gamma) / n_y (1 / n_y at
+        # the first sighting), so the n_y rows of class y sum to (1 - gamma) * (mean - c_y); the sum is
+        # made per group, then added to each class's stored centre once (one rounding in 16 bits).
+        written = self.num_written[safe]
+        seen = written > 0
         rate = torch.where(seen, 1 - self.center_rate, 1.0) * valid / in_batch
-        delta = self.centers[safe].sub_(feats).mul_(-rate[:, None])  # [B, D], in place
-        self.centers.index_add_(0, safe, delta)
+        delta = self.centers[safe].float().sub_(feats).mul_(-rate[:, None])  # [B, D], in place
+        shift = torch.zeros_like(delta).index_add_(0, group, delta)  # [B, D]: row g = group g's change
+        self.centers.index_add_(0, group_class, shift.to(self.centers.dtype))
 
-        # Eq. 3: angle to the updated centre in float32, 2 * atan2(|f - c|, |f + c|) as unit_angle,
-        # with the centres and f + c in the buffer of delta (each fresh [B, D] buffer costs page
-        # faults on CPU: 18 of them made the update 4-6x slower at B >= 512, D = 2048)
-        centre = torch.index_select(self.centers, 0, safe, out=delta)
+        # Eq. 3: angle to the updated centre (or the reference) in float32, as unit_angle
+        # 2 * atan2(|f - c|, |f + c|), with c and f + c in the buffer of delta (each fresh [B, D]
+        # buffer costs page faults on CPU: 18 of them made the update 4-6x slower at B >= 512)
+        centre = delta.copy_(self.centers[safe] if reference is None else reference)
         centre.div_(centre.norm(dim=1, keepdim=True).clamp_(min=1e-12))  # = F.normalize
         far = (feats - centre).norm(dim=1)
         angles = 2 * torch.atan2(far, centre.add_(feats).norm(dim=1))
@@ -230,7 +251,7 @@ class AngularStats(nn.Module):
         # A slot never written holds 0, so subtracting the overwritten value is always right.
         size = self.memory_size[safe]
         keep = valid & (rank >= in_batch - size)
-        slot = self.memory_offset[safe] + (self.num_written[safe] + rank) % size
+        slot = self.memory_offset[safe] + (written + rank) % size
         scratch = self.memory.numel() - 1
         slot = torch.where(keep, slot, torch.full_like(slot, scratch))
         stored32 = torch.where(keep, angles, torch.zeros_like(angles))

@@ -13,6 +13,10 @@ from MODEL.HEADS.SCALE / MODEL.HEADS.MARGIN):
     TARGET_ONLY      alpha on the target logit only (paper, Eq. 7/8: on every logit -> False)
     SIGNED_ALPHA     alpha ~ N(0, s^2) as the paper states (True) or |alpha| (False)
     MIN_ANGLES       angles a class needs in memory before its variance is trusted (>= 2)
+    ANGLE_REFERENCE  what the angles of Eq. 3 are measured to: "centre" (the EMA feature centre
+                     c_i, paper) or "weight" (the classifier weight W_y)
+    CENTER_DTYPE     storage of the C x D centres: "float32", "float16" or "bfloat16"
+                     (Eq. 4 is computed in float32 either way)
 
 SEED (tools/train_net.py): seed of every RNG (data order, initialisation, alpha); -1 = random,
 as FastReID does by default.
@@ -27,10 +31,12 @@ DATASETS.LONG_TAIL (read by the ``*_LT`` datasets, paper Section 4.1):
 """
 from fastreid.config import CfgNode as CN
 
-__all__ = ["add_leap_config", "CLS_LAYER_MARGINS"]
+__all__ = ["add_leap_config", "CLS_LAYER_MARGINS", "ANGLE_REFERENCES", "CENTER_DTYPES"]
 
 # MODEL.HEADS.CLS_LAYER -> the margin of leap_logits (CosFace Eq. 7, ArcFace Eq. 8)
 CLS_LAYER_MARGINS = {"CosSoftmax": "cos", "ArcSoftmax": "arc"}
+ANGLE_REFERENCES = ("centre", "weight")
+CENTER_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def add_leap_config(cfg):
@@ -46,6 +52,8 @@ def add_leap_config(cfg):
     _C.MODEL.HEADS.LEAP.TARGET_ONLY = False
     _C.MODEL.HEADS.LEAP.SIGNED_ALPHA = True
     _C.MODEL.HEADS.LEAP.MIN_ANGLES = 2
+    _C.MODEL.HEADS.LEAP.ANGLE_REFERENCE = "centre"
+    _C.MODEL.HEADS.LEAP.CENTER_DTYPE = "float32"
 
     _C.DATASETS.LONG_TAIL = CN()
     _C.DATASETS.LONG_TAIL.NUM_HEAD = 20

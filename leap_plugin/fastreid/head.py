@@ -13,7 +13,7 @@ from fastreid.modeling.heads import EmbeddingHead
 from fastreid.modeling.heads.build import REID_HEADS_REGISTRY
 
 from ..core import AngularStats, FeatureCloud, leap_logits
-from .config import CLS_LAYER_MARGINS
+from .config import ANGLE_REFERENCES, CENTER_DTYPES, CLS_LAYER_MARGINS
 
 __all__ = ["LEAPHead", "find_leap_head"]
 
@@ -25,12 +25,15 @@ class LEAPHead(EmbeddingHead):
 
     @configurable
     def __init__(self, *, leap_version, head_threshold, memory_factor, center_rate, start_epoch,
-                 alpha_per_logit, target_only, signed_alpha, min_angles, **kwargs):
+                 alpha_per_logit, target_only, signed_alpha, min_angles, angle_reference, center_dtype,
+                 **kwargs):
         super().__init__(**kwargs)
         self.margin = CLS_LAYER_MARGINS[kwargs["cls_type"]]
         self.cloud = FeatureCloud(leap_version, None if head_threshold < 0 else head_threshold,
                                   alpha_per_logit, target_only, signed_alpha, min_angles)
         self.memory_factor, self.center_rate = memory_factor, center_rate
+        self.angle_to_weight = angle_reference == "weight"
+        self.center_dtype = getattr(torch, center_dtype)
         self.start_epoch = start_epoch
         self.epoch = 0
         self.stats = None
@@ -50,16 +53,21 @@ class LEAPHead(EmbeddingHead):
                                ("MEMORY_FACTOR", leap.MEMORY_FACTOR, int(leap.MEMORY_FACTOR) >= 1),
                                ("CENTER_RATE", leap.CENTER_RATE, 0 <= leap.CENTER_RATE < 1),
                                ("START_EPOCH", leap.START_EPOCH, leap.START_EPOCH >= 0),
-                               ("MIN_ANGLES", leap.MIN_ANGLES, int(leap.MIN_ANGLES) >= 2)):
+                               ("MIN_ANGLES", leap.MIN_ANGLES, int(leap.MIN_ANGLES) >= 2),
+                               ("ANGLE_REFERENCE", leap.ANGLE_REFERENCE, leap.ANGLE_REFERENCE in ANGLE_REFERENCES),
+                               ("CENTER_DTYPE", leap.CENTER_DTYPE, leap.CENTER_DTYPE in CENTER_DTYPES)):
             if not ok:
                 raise ValueError(f"MODEL.HEADS.LEAP.{key}={value!r} is invalid: expected "
                                  + {"VERSION": "'full' or 'vanilla'", "MEMORY_FACTOR": "an integer >= 1",
                                     "CENTER_RATE": "a value in [0, 1)", "START_EPOCH": "an epoch >= 0",
-                                    "MIN_ANGLES": "an integer >= 2"}[key])
+                                    "MIN_ANGLES": "an integer >= 2",
+                                    "ANGLE_REFERENCE": f"one of {ANGLE_REFERENCES}",
+                                    "CENTER_DTYPE": f"one of {CENTER_DTYPES}"}[key])
         args.update(leap_version=leap.VERSION, head_threshold=leap.HEAD_THRESHOLD,
                     memory_factor=leap.MEMORY_FACTOR, center_rate=leap.CENTER_RATE,
                     start_epoch=leap.START_EPOCH, alpha_per_logit=leap.ALPHA_PER_LOGIT,
-                    target_only=leap.TARGET_ONLY, signed_alpha=leap.SIGNED_ALPHA, min_angles=leap.MIN_ANGLES)
+                    target_only=leap.TARGET_ONLY, signed_alpha=leap.SIGNED_ALPHA, min_angles=leap.MIN_ANGLES,
+                    angle_reference=leap.ANGLE_REFERENCE, center_dtype=leap.CENTER_DTYPE)
         return args
 
     def set_class_counts(self, class_counts):
@@ -71,8 +79,8 @@ class LEAPHead(EmbeddingHead):
         self._build_stats(counts)
 
     def _build_stats(self, counts):
-        self.stats = AngularStats(counts, self.weight.shape[1], self.memory_factor,
-                                  self.center_rate).to(self.weight.device)
+        self.stats = AngularStats(counts, self.weight.shape[1], self.memory_factor, self.center_rate,
+                                  center_dtype=self.center_dtype).to(self.weight.device)
 
     def set_epoch(self, epoch: int):
         self.epoch = int(epoch)
@@ -102,7 +110,8 @@ class LEAPHead(EmbeddingHead):
         cosine = F.linear(embedding, F.normalize(self.weight))
         alpha = None
         if torch.is_grad_enabled():  # a real step: not PreciseBN or any other no-grad pass
-            angles = self.stats.update(embedding, targets)
+            weight_y = self.weight[targets.clamp(min=0)] if self.angle_to_weight else None
+            angles = self.stats.update(embedding, targets, weight_y)
             var = self.cloud.trusted_var(self.stats)  # [C] once per step, for std and the log
             ref = self.cloud.reference_var_from(var, self.stats.class_counts)
             std = self.cloud.std_from(var, self.stats.class_counts, targets, ref)

@@ -19,11 +19,13 @@ How the pieces sit under model parallelism (every rank holds the block of classe
 * **Embeddings.** ``attach`` registers a forward pre-hook on the PartialFC_V2 module; it sees
   ``(local_embeddings, local_labels)`` and calls :meth:`LEAPMarginLoss.observe`, which all-gathers
   them (no grad, in rank order, as PartialFC does) so the rows match the logits' rows.
-* **Statistics.** Each rank tracks centres and angle memory for its own class block only
-  (``AngularStats`` over ``num_local`` classes, ``sync=False``): memory scales like the FC weight.
-  Every ``update_every`` steps the block is updated with the gathered batch and the per-class
-  variances (C floats) are all-gathered, so every rank knows sigma_y for every row and computes
-  the reference variance (Eq. 6 / Eq. 9) from the full vector.
+* **Statistics.** Each rank tracks centres (16-bit by default) and angle memory for its own class
+  block only (``AngularStats`` over ``num_local`` classes, ``sync=False``): no buffer spans all C
+  classes, so the statistics per rank stay below the rank's FC weight at any C
+  (``benchmarks/bench_memory.py``). Every ``update_every`` steps the block is updated with the
+  gathered batch. Each step, one all-reduce of 2 B + 2 numbers gives every rank the reference
+  variance (Eq. 6 / 9: its two sums add up over the blocks) and sigma_y of every row (only the
+  rank that holds class y fills it in).
 * **alpha.** A row's softmax is split over the ranks, so its alpha must be the same on every rank.
   alpha is drawn from a counter-based generator: a pure function of ``(seed, step, global row,
   global class)`` (:func:`keyed_normal`). Each rank evaluates it for the columns it holds; the
@@ -133,6 +135,14 @@ class LEAPMarginLoss(nn.Module):
             setting for faces, Section 4.3; 1 updates on every step).
         alpha_per_logit: one alpha per (sample, class logit) -- the paper's "alpha_x in R^{1 x C}"
             -- (True) or one alpha per sample (False).
+        target_only: alpha on the target logit only (Eq. 7 / 8 put it on every logit: False).
+        signed_alpha: alpha ~ N(0, s^2) as the paper (True) or |alpha| (False).
+        min_angles: angles a class needs in memory before its variance is trusted (>= 2).
+        angle_reference: "centre" (Eq. 3: angles to the EMA feature centre) or "weight" (angles
+            to the class's FC weight row W_y; needs ``attach``).
+        center_dtype: storage of the centres (a torch dtype or its name): float16 (default: half
+            the bytes of the FC weight block; Eq. 4 is still computed in float32), bfloat16 or
+            float32.
         seed: base seed of the alpha draws; together with the step it keys every draw.
         straight_through: take the gradient w.r.t. the cosines as s (identity), with the values
             of Eq. 7 / 8. arcface_torch's ``CombinedMarginLoss`` computes its ArcFace margin under
@@ -147,7 +157,9 @@ class LEAPMarginLoss(nn.Module):
     def __init__(self, class_counts, embedding_size: int, margin: str = "arc", scale: float = 64.0,
                  margin_value: float = 0.5, version: str = "full", head_threshold=None,
                  memory_factor: int = 1, center_rate: float = 0.1, start_epoch: int = 0,
-                 update_every: int = 5, alpha_per_logit: bool = True, seed: int = 0,
+                 update_every: int = 5, alpha_per_logit: bool = True, target_only: bool = False,
+                 signed_alpha: bool = True, min_angles: int = 2, angle_reference: str = "centre",
+                 center_dtype: torch.dtype = torch.float16, seed: int = 0,
                  straight_through: bool = False, interclass_filtering_threshold: float = 0.0):
         super().__init__()
         if margin not in MARGINS:
@@ -161,6 +173,8 @@ class LEAPMarginLoss(nn.Module):
                                  ("seed", seed, 0)):
             if int(value) != value or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if angle_reference not in ("centre", "weight"):
+            raise ValueError(f"angle_reference must be 'centre' (Eq. 3) or 'weight' (W_y), got {angle_reference!r}")
         if not 0.0 <= float(interclass_filtering_threshold) <= 1.0:
             raise ValueError(f"interclass_filtering_threshold must lie in [0, 1] (0 = off), "
                              f"got {interclass_filtering_threshold}")
@@ -178,7 +192,10 @@ class LEAPMarginLoss(nn.Module):
         self.seed = int(seed)
         self.straight_through = bool(straight_through)
         self.interclass_filtering_threshold = float(interclass_filtering_threshold)
-        self.cloud = FeatureCloud(version, head_threshold=head_threshold, alpha_per_logit=alpha_per_logit)
+        self.cloud = FeatureCloud(version, head_threshold, alpha_per_logit, target_only, signed_alpha, min_angles)
+        self.angle_to_weight = angle_reference == "weight"
+        if isinstance(center_dtype, str):
+            center_dtype = getattr(torch, center_dtype, center_dtype)
 
         self.rank, self.world_size = _world()
         num_classes = counts.numel()
@@ -189,10 +206,8 @@ class LEAPMarginLoss(nn.Module):
         self.embedding_size = int(embedding_size)
         block = counts[self.class_start: self.class_start + self.num_local]
         self.stats = AngularStats(block, self.embedding_size, memory_factor=memory_factor,
-                                  center_rate=center_rate, sync=False)
-        self.register_buffer("class_counts", counts)
-        # sigma_i^2 of every class (all ranks' blocks), refreshed after each statistics update
-        self.register_buffer("class_var", torch.full((num_classes,), math.nan))
+                                  center_rate=center_rate, sync=False, center_dtype=center_dtype)
+        self.num_classes = num_classes
         self.step = 0
         self.epoch = 0
         self._pending = None  # (global labels, step) from observe(), consumed by forward()
@@ -216,10 +231,6 @@ class LEAPMarginLoss(nn.Module):
             raise ValueError(f"margin_list={tuple(margin_list)}: LEAP defines CosFace (1.0, 0.0, m) and "
                              f"ArcFace (1.0, m, 0.0) only (paper Eq. 7, Eq. 8)")
         return cls(class_counts, embedding_size, margin=margin, scale=scale, margin_value=value, **leap)
-
-    @property
-    def num_classes(self) -> int:
-        return self.class_counts.numel()
 
     def __getstate__(self):
         # pickling / deepcopy: the weak link to PartialFC_V2 and the step's pending batch stay behind
@@ -246,9 +257,12 @@ class LEAPMarginLoss(nn.Module):
         return self.epoch >= self.start_epoch
 
     def get_extra_state(self):
-        return {"step": self.step, "epoch": self.epoch}
+        return {"step": self.step, "epoch": self.epoch, "num_classes": self.num_classes}
 
     def set_extra_state(self, state):
+        if state.get("num_classes", self.num_classes) != self.num_classes:
+            raise ValueError(f"checkpoint of a LEAPMarginLoss over {state['num_classes']} classes loaded "
+                             f"into one over {self.num_classes} (cfg.num_classes differs)")
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
 
@@ -310,30 +324,38 @@ class LEAPMarginLoss(nn.Module):
             raise ValueError(f"local_embeddings must have shape [B, {self.embedding_size}] with B = "
                              f"{labels.shape[0]} labels, got {tuple(local_embeddings.shape)}")
         global_labels = self._all_gather(labels)
+        inside = (global_labels >= self.class_start) & (global_labels < self.class_start + self.num_local)
+        block_labels = torch.where(inside, global_labels - self.class_start, torch.full_like(global_labels, -1))
+        block_labels = block_labels.to(self.stats.centers.device)
         if self.step % self.update_every == 0:
             features = self._all_gather(local_embeddings.detach().float())
-            inside = (global_labels >= self.class_start) & (global_labels < self.class_start + self.num_local)
-            block_labels = torch.where(inside, global_labels - self.class_start,
-                                       torch.full_like(global_labels, -1))
-            self.stats.update(features, block_labels)
-            self._share_variances()
-        self._pending = (global_labels, self.step)
+            reference = None
+            if self.angle_to_weight:
+                pfc = self._partial_fc() if self._partial_fc is not None else None
+                if pfc is None:
+                    raise RuntimeError("angle_reference='weight' measures angles to PartialFC_V2's weight: "
+                                       "attach() the PartialFC_V2 module built with this loss")
+                reference = pfc.weight.detach()[block_labels.clamp(min=0)].float()
+            self.stats.update(features, block_labels, reference)
+        std = self._cloud_std(block_labels) if self.cloud_active else None
+        self._pending = (global_labels, self.step, std)
         self.step += 1
 
-    def _share_variances(self):
-        """class_var <- every rank's block of sigma_i^2, in class order."""
-        var = self.stats.var.to(self.class_var.device)
-        if self.world_size == 1:
-            self.class_var.copy_(var)
-            return
-        longest = -(-self.num_classes // self.world_size)
-        padded = torch.full((longest,), math.nan, device=var.device)
-        padded[: self.num_local] = var
-        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(parts, padded)
-        sizes = [class_block(self.num_classes, r, self.world_size)[1] for r in range(self.world_size)]
-        blocks = [part[:size] for part, size in zip(parts, sizes)]
-        self.class_var.copy_(torch.cat(blocks))
+    def _cloud_std(self, block_labels):
+        """[B_global] cloud std of every row (Eq. 6 / 9), the same on every rank.
+
+        The reference variance's two sums and sigma_y of the rows whose class is in this block are
+        summed over the ranks in one all-reduce (every row's class lives in exactly one block).
+        """
+        var = self.cloud.trusted_var(self.stats)
+        sums = self.cloud.reference_sums(var, self.stats.class_counts)
+        var_y, eligible = self.cloud.cloud_rows(var, self.stats.class_counts, block_labels)
+        if self.world_size > 1:
+            packed = torch.cat([sums, var_y, eligible.float()])
+            dist.all_reduce(packed)
+            batch = var_y.shape[0]
+            sums, var_y, eligible = packed[:2], packed[2: 2 + batch], packed[2 + batch:] > 0
+        return self.cloud.std_of(sums[0] / sums[1], var_y, eligible)
 
     # ------------------------------------------------------------------ logits out
     def _columns(self, num_cols: int, columns, device):
@@ -354,14 +376,16 @@ class LEAPMarginLoss(nn.Module):
             raise ValueError(f"columns has {columns.numel()} entries for {num_cols} logit columns")
         return columns
 
-    def alpha(self, num_rows: int, std: torch.Tensor, step: int, columns=None) -> torch.Tensor:
-        """alpha ~ N(0, std^2) for rows 0..num_rows-1 of the global batch at ``step``.
+    def alpha(self, std: torch.Tensor, step: int, num_logits: int, columns=None, labels=None) -> torch.Tensor:
+        """alpha ~ N(0, std^2) for the rows of the global batch at ``step`` (``FeatureCloud`` options).
 
-        [B, 1] (per sample) or [B, len(columns)] (per logit, columns = global class ids).
+        [B, 1] (per sample), [B, len(columns)] (per logit, columns = global class of each column)
+        or, with target_only, [B, num_logits] zero but in each row's target column (``labels``).
         """
-        rows = torch.arange(num_rows, device=std.device)
-        cols = columns if self.cloud.alpha_per_logit else None
-        return keyed_normal(_step_key(self.seed, step), rows, cols) * std[:, None]
+        rows = torch.arange(std.shape[0], device=std.device)
+        cols = columns if self.cloud.noise_columns(num_logits) > 1 else None
+        noise = keyed_normal(_step_key(self.seed, step), rows, cols)
+        return self.cloud.alpha_from_noise(noise, std, num_logits, labels)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, columns=None) -> torch.Tensor:
         """Scaled margin logits (Eq. 7 / Eq. 8) for PartialFC_V2's distributed cross entropy.
@@ -384,17 +408,16 @@ class LEAPMarginLoss(nn.Module):
                     "LEAPMarginLoss got no embeddings for this step: call loss.attach(partial_fc) once "
                     "after building PartialFC_V2 (or loss.observe(local_embeddings, local_labels) before "
                     "each forward); the angular statistics of Section 3.3 are computed from them")
-            global_labels, step = pending
+            global_labels, step, std = pending
             if global_labels.shape[0] != logits.shape[0]:
                 raise ValueError(f"logits have {logits.shape[0]} rows but the observed global batch has "
                                  f"{global_labels.shape[0]}")
-            if self.cloud_active:
-                std = self.cloud.std_from(self.class_var, self.class_counts,
-                                          global_labels.to(self.class_var.device))
+            if std is not None:
+                num_logits = logits.shape[1]
                 cols = None
-                if self.cloud.alpha_per_logit:
-                    cols = self._columns(logits.shape[1], columns, std.device)
-                alpha = self.alpha(logits.shape[0], std, step, cols).to(logits.device)
+                if self.cloud.noise_columns(num_logits) > 1:
+                    cols = self._columns(num_logits, columns, std.device)
+                alpha = self.alpha(std, step, num_logits, cols, labels.to(std.device)).to(logits.device)
         with torch.autocast(logits.device.type, enabled=False):
             cosine = logits.float()
             if self.interclass_filtering_threshold > 0:

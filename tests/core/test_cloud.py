@@ -103,10 +103,36 @@ def test_target_only_and_unsigned_alpha():
     nonzero = alpha != 0
     assert nonzero[0].tolist() == [False, False, True, False]  # only the target column
     assert not nonzero[1].any()  # std 0
+    assert not nonzero[2].any()  # no target column here (label -1), whatever its std
     many = FeatureCloud(signed=False).sample_from_std(std.repeat(1000), 5, gen)
     assert (many >= 0).all() and many.max() > 0
     with pytest.raises(ValueError, match="needs the labels"):
         FeatureCloud(target_only=True).sample_from_std(std, 4, gen)
+
+
+@pytest.mark.parametrize("version", ["full", "vanilla"])
+def test_reference_and_std_from_class_blocks_add_up(version):
+    """Model parallel: each rank holds a block of classes; the reference sums and the rows'
+    sigma_y of the blocks, summed, give the single-process reference and std (what
+    LEAPMarginLoss all-reduces)."""
+    gen = torch.Generator().manual_seed(4)
+    var = torch.rand(10, generator=gen) * 0.3
+    var[[2, 7]] = NAN
+    counts = torch.randint(2, 40, (10,), generator=gen)
+    labels = torch.tensor([0, 9, 2, 5, 7, 3, -1, 8])
+    cloud = FeatureCloud(version, head_threshold=20)
+    sums, var_y, eligible = 0, 0, 0
+    for start, stop in ((0, 4), (4, 7), (7, 10)):
+        inside = (labels >= start) & (labels < stop)
+        block_labels = torch.where(inside, labels - start, torch.full_like(labels, -1))
+        sums = sums + cloud.reference_sums(var[start:stop], counts[start:stop])
+        v, e = cloud.cloud_rows(var[start:stop], counts[start:stop], block_labels)
+        var_y, eligible = var_y + v, eligible + e.long()
+    assert eligible.max() <= 1 and eligible.sum() > 0
+    ref = cloud.reference_var_from(var, counts)
+    torch.testing.assert_close(sums[0] / sums[1], ref)
+    torch.testing.assert_close(cloud.std_of(sums[0] / sums[1], var_y, eligible > 0),
+                               cloud.std_from(var, counts, labels))
 
 
 def test_min_angles_hides_untrusted_variances():

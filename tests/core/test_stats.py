@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from leap_plugin.core import AngularStats
+from leap_plugin.core.stats import unit_angle
 
 
 class NaiveStats:
@@ -129,7 +130,52 @@ def test_half_precision_features_give_float32_angles():
     assert angles.dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_centres_track_the_float32_statistics(dtype):
+    """16-bit storage rounds each centre once per update (Eq. 4 itself runs in float32): the angles
+    and variances stay within that rounding of the float32 tracker over a long run."""
+    gen = torch.Generator().manual_seed(5)
+    counts = torch.randint(2, 30, (40,), generator=gen)
+    ref, low = AngularStats(counts, 128), AngularStats(counts, 128, center_dtype=dtype)
+    assert low.centers.dtype == dtype and low.centers.nbytes * 2 == ref.centers.nbytes
+    means = torch.randn(40, 128, generator=gen)
+    for _ in range(200):
+        labels = torch.randint(0, 40, (32,), generator=gen)
+        feats = means[labels] + 0.7 * torch.randn(32, 128, generator=gen)
+        a, b = ref.update(feats, labels), low.update(feats, labels)
+        ulp = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11  # relative rounding of the storage
+        assert (a - b).abs().max() < 2 * ulp  # rad
+    assert ((low.centers.float() - ref.centers).norm(dim=1) / ref.centers.norm(dim=1)).max() < ulp
+    # |d var| <~ 2 sigma |d angle|: within a few roundings of the storage, for every class
+    assert (low.var - ref.var).abs().max() < 4 * ulp * ref.var.max().sqrt()
+    assert (ref.var > 0.02).float().mean() > 0.5  # the variances compared are real ones
+
+
+def test_angles_to_a_given_reference_instead_of_the_centre():
+    """Eq. 3 measured to W_y (the ablation's alternative): each angle is the angle to its reference
+    row, the centres still follow Eq. 4, and the memory holds those angles."""
+    gen = torch.Generator().manual_seed(9)
+    counts = torch.tensor([4, 6, 3])
+    to_ref, to_centre = AngularStats(counts, 5), AngularStats(counts, 5)
+    weight = torch.randn(3, 5, generator=gen)
+    for _ in range(4):
+        labels = torch.randint(-1, 3, (7,), generator=gen)
+        feats = torch.randn(7, 5, generator=gen)
+        got = to_ref.update(feats, labels, weight[labels.clamp(min=0)])
+        to_centre.update(feats, labels)
+        valid = labels >= 0
+        f, w = (torch.nn.functional.normalize(t.double(), dim=1) for t in (feats, weight[labels.clamp(min=0)]))
+        want = torch.arccos((f * w).sum(1).clamp(-1, 1))
+        torch.testing.assert_close(got[valid].double(), want[valid], atol=1e-5, rtol=0)
+        assert torch.isnan(got[~valid]).all()
+    torch.testing.assert_close(to_ref.centers, to_centre.centers)
+    assert not torch.allclose(to_ref.var.nan_to_num(), to_centre.var.nan_to_num())
+    with pytest.raises(ValueError, match="reference must have the shape of features"):
+        to_ref.update(torch.randn(2, 5), torch.tensor([0, 1]), torch.randn(3, 5))
+
+
 @pytest.mark.parametrize("kwargs,match", [
+    (dict(class_counts=torch.tensor([2]), feat_dim=4, center_dtype=torch.int8), "center_dtype must be one of"),
     (dict(class_counts=torch.tensor([2, 0]), feat_dim=4), "class_counts must be positive"),
     (dict(class_counts=torch.tensor([2, -1]), feat_dim=4), "class_counts must be positive"),
     (dict(class_counts=torch.tensor([2.0]), feat_dim=4), "class_counts must be a non-empty 1-D integer"),

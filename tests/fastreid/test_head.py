@@ -75,6 +75,27 @@ def test_training_without_class_counts_says_how_to_fix():
         head(torch.randn(2, 512, 1, 1), torch.tensor([0, 1]))
 
 
+def test_angle_reference_weight_and_16bit_centres():
+    """ANGLE_REFERENCE weight: the angles in memory are those between the embedding and W_y;
+    CENTER_DTYPE float16 stores the centres in 16 bits and survives a state_dict round trip."""
+    torch.manual_seed(0)
+    opts = {"MODEL.HEADS.NUM_CLASSES": 5, "MODEL.HEADS.LEAP.ANGLE_REFERENCE": "weight",
+            "MODEL.HEADS.LEAP.CENTER_DTYPE": "float16"}
+    head = LEAPHead(tiny_cfg("leap_cf.yml", **opts)).train()
+    head.set_class_counts(torch.full((5,), 4))
+    assert head.stats.centers.dtype == torch.float16
+    features, targets = torch.randn(10, 512, 1, 1), torch.tensor([0, 1, 2, 3, 4] * 2)
+    head(features, targets)
+    emb = torch.nn.functional.normalize(head.bottleneck(features)[..., 0, 0].double())
+    w = torch.nn.functional.normalize(head.weight[targets].double())
+    want = torch.arccos((emb * w).sum(1).clamp(-1, 1))
+    torch.testing.assert_close(head.stats.memory[:-1].view(5, 4)[:, :2].t().reshape(-1).double(), want,
+                               atol=1e-5, rtol=0)
+    again = LEAPHead(tiny_cfg("leap_cf.yml", **opts))
+    again.load_state_dict(head.state_dict())
+    assert torch.equal(again.stats.centers, head.stats.centers)
+
+
 @pytest.mark.parametrize("opts,match", [
     ({"MODEL.HEADS.CLS_LAYER": "CircleSoftmax"}, "MODEL.HEADS.CLS_LAYER='CircleSoftmax'"),
     ({"MODEL.HEADS.LEAP.VERSION": "vanila"}, "MODEL.HEADS.LEAP.VERSION='vanila'"),
@@ -82,6 +103,8 @@ def test_training_without_class_counts_says_how_to_fix():
     ({"MODEL.HEADS.LEAP.CENTER_RATE": 1.5}, "MODEL.HEADS.LEAP.CENTER_RATE=1.5"),
     ({"MODEL.HEADS.LEAP.MEMORY_FACTOR": 0}, "MODEL.HEADS.LEAP.MEMORY_FACTOR=0"),
     ({"MODEL.HEADS.LEAP.MIN_ANGLES": 1}, "MODEL.HEADS.LEAP.MIN_ANGLES=1"),
+    ({"MODEL.HEADS.LEAP.ANGLE_REFERENCE": "center"}, "MODEL.HEADS.LEAP.ANGLE_REFERENCE='center'"),
+    ({"MODEL.HEADS.LEAP.CENTER_DTYPE": "half"}, "MODEL.HEADS.LEAP.CENTER_DTYPE='half'"),
 ])
 def test_config_errors_name_the_key(opts, match):
     cfg = tiny_cfg(**dict(opts, **{"MODEL.HEADS.NUM_CLASSES": 3}))

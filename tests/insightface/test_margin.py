@@ -152,10 +152,12 @@ def test_interclass_filtering_equals_host(host_losses):
     torch.testing.assert_close(grad_o, grad_h)
 
 
-@pytest.mark.parametrize("per_logit", [True, False])
-def test_cloud_on_matches_formula_with_drawn_alpha(per_logit):
+@pytest.mark.parametrize("per_logit,target_only,signed", [(True, False, True), (False, False, True),
+                                                          (True, True, True), (True, False, False)])
+def test_cloud_on_matches_formula_with_drawn_alpha(per_logit, target_only, signed):
     torch.manual_seed(0)
-    loss = _loss("arc", version="full", alpha_per_logit=per_logit, seed=7).train()
+    loss = _loss("arc", version="full", alpha_per_logit=per_logit, target_only=target_only,
+                 signed_alpha=signed, seed=7).train()
     # two steps so that classes have >= 2 angles, then the forward with the cloud
     labels_seq = [torch.tensor([0, 0, 1, 1, 3, 3, 4, 4, 2, 2, 5, 5]) for _ in range(3)]
     for step, lab in enumerate(labels_seq):
@@ -164,12 +166,17 @@ def test_cloud_on_matches_formula_with_drawn_alpha(per_logit):
         labels = lab.clone()
         labels[::4] = -1  # as if on another rank: the row still gets alpha, no margin
         out = loss(cosine.clone(), labels[:, None])
-    std = loss.cloud.std_from(loss.class_var, loss.class_counts, labels_seq[-1])
+    std = loss.cloud.std(loss.stats, labels_seq[-1])  # one process: the block is every class
     assert (std > 0).any() and (std == 0).any()
     cols = torch.arange(9) if per_logit else None
-    alpha = loss.alpha(12, std, step=2, columns=cols)
-    assert alpha.shape == ((12, 9) if per_logit else (12, 1))
+    alpha = loss.alpha(std, 2, 9, cols, labels)
+    assert alpha.shape == ((12, 9) if per_logit or target_only else (12, 1))
     assert torch.all(alpha[std == 0] == 0)
+    if target_only:  # only the target column, and nothing for a row whose target is elsewhere
+        off_target = torch.ones_like(alpha, dtype=torch.bool)
+        off_target[(labels >= 0).nonzero()[:, 0], labels[labels >= 0]] = False
+        assert torch.all(alpha[off_target] == 0) and (alpha != 0).any()
+    assert (alpha < 0).any() == signed
     expected = _reference(cosine, labels[:, None], "arc", ARC_M, alpha)
     np.testing.assert_allclose(out.detach().numpy(), expected, rtol=1e-4, atol=2e-3)
 
@@ -224,7 +231,10 @@ def test_state_dict_resume_continues_identically():
     run(first, 3)
     first.set_epoch(0)
     state = first.state_dict()
-    assert state["_extra_state"] == {"step": 3, "epoch": 0}
+    assert state["_extra_state"] == {"step": 3, "epoch": 0, "num_classes": 9}
+    other = dict(state, _extra_state={"step": 3, "epoch": 0, "num_classes": 90})
+    with pytest.raises(ValueError, match="over 90 classes loaded into one over 9"):
+        _loss("cos").load_state_dict(other)
     resumed = _loss("cos", update_every=2, seed=5).train()
     resumed.load_state_dict(state)
     for a, b in zip(run(resumed, 6, start=3), full[3:]):

@@ -117,7 +117,7 @@ def test_checkpoint_resume_as_train_v2(arcface, world1, tmp_path, sample_rate):
     checkpoint = {"epoch": 1, "state_dict_softmax_fc": pfc.state_dict(), "state_optimizer": opt.state_dict()}
     torch.save(checkpoint, tmp_path / "checkpoint_gpu_0.pt")
     keys = set(checkpoint["state_dict_softmax_fc"])
-    assert {"margin_softmax.stats.centers", "margin_softmax.stats.memory", "margin_softmax.class_var",
+    assert {"margin_softmax.stats.centers", "margin_softmax.stats.memory", "margin_softmax.stats.angle_sum",
             "margin_softmax._extra_state"} <= keys
 
     pfc, loss = _make(arcface, sample_rate)  # a fresh process: new modules, then load
