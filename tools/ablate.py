@@ -79,7 +79,8 @@ def main():
         row["head_var"] = [analyses[name, s]["summary"]["head"]["var_mean"] for s in args.seeds]
         row["tail_var"] = [analyses[name, s]["summary"]["tail"]["var_mean"] for s in args.seeds]
         table[name] = row
-        lines.append("| " + " | ".join([name, VARIANTS[name][2], *(fmt(row[m]) for m in METRICS),
+        cells = [name, VARIANTS[name][2]]
+        lines.append("| " + " | ".join([*(c.replace("|", "\\|") for c in cells), *(fmt(row[m]) for m in METRICS),
                                           fmt(row["head_var"], digits=4), fmt(row["tail_var"], digits=4)]) + " |")
     protocol = "OmniglotVal_LT (validation)" if val else "Omniglot_LT (test)"
     text = (f"# LEAP ablation: {protocol}, <H20, S3>, mean ± std over seeds {args.seeds}\n\n"

@@ -110,7 +110,7 @@ class LEAPHead(EmbeddingHead):
         cosine = F.linear(embedding, F.normalize(self.weight))
         alpha = None
         if torch.is_grad_enabled():  # a real step: not PreciseBN or any other no-grad pass
-            weight_y = self.weight[targets.clamp(min=0)] if self.angle_to_weight else None
+            weight_y = self.weight.detach()[targets.clamp(min=0)] if self.angle_to_weight else None
             angles = self.stats.update(embedding, targets, weight_y)
             var = self.cloud.trusted_var(self.stats)  # [C] once per step, for std and the log
             ref = self.cloud.reference_var_from(var, self.stats.class_counts)
