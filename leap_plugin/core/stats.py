@@ -22,9 +22,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["AngularStats", "CENTER_DTYPES"]
+__all__ = ["AngularStats", "CENTER_DTYPES", "ANGLE_REFERENCES"]
 
 CENTER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# what the adapters' option measures Eq. 3's angles to: the EMA centre (paper) or W_y (``reference=``)
+ANGLE_REFERENCES = ("centre", "weight")
 
 
 def require(ok: torch.Tensor, message) -> None:

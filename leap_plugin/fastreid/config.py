@@ -31,12 +31,14 @@ DATASETS.LONG_TAIL (read by the ``*_LT`` datasets, paper Section 4.1):
 """
 from fastreid.config import CfgNode as CN
 
+from ..core import stats
+
 __all__ = ["add_leap_config", "CLS_LAYER_MARGINS", "ANGLE_REFERENCES", "CENTER_DTYPES"]
 
 # MODEL.HEADS.CLS_LAYER -> the margin of leap_logits (CosFace Eq. 7, ArcFace Eq. 8)
 CLS_LAYER_MARGINS = {"CosSoftmax": "cos", "ArcSoftmax": "arc"}
-ANGLE_REFERENCES = ("centre", "weight")
-CENTER_DTYPES = ("float32", "float16", "bfloat16")
+ANGLE_REFERENCES = stats.ANGLE_REFERENCES
+CENTER_DTYPES = tuple(str(dtype).removeprefix("torch.") for dtype in stats.CENTER_DTYPES)  # yaml names
 
 
 def add_leap_config(cfg):

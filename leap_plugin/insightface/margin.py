@@ -49,6 +49,7 @@ from torch import nn
 
 from ..core import AngularStats, FeatureCloud, leap_logits
 from ..core.margins import MARGINS
+from ..core.stats import ANGLE_REFERENCES
 
 __all__ = ["LEAPMarginLoss", "keyed_normal", "class_block"]
 
@@ -173,8 +174,9 @@ class LEAPMarginLoss(nn.Module):
                                  ("seed", seed, 0)):
             if int(value) != value or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if angle_reference not in ("centre", "weight"):
-            raise ValueError(f"angle_reference must be 'centre' (Eq. 3) or 'weight' (W_y), got {angle_reference!r}")
+        if angle_reference not in ANGLE_REFERENCES:
+            raise ValueError(f"angle_reference must be one of {ANGLE_REFERENCES} (Eq. 3: the EMA centre, "
+                             f"or W_y), got {angle_reference!r}")
         if not 0.0 <= float(interclass_filtering_threshold) <= 1.0:
             raise ValueError(f"interclass_filtering_threshold must lie in [0, 1] (0 = off), "
                              f"got {interclass_filtering_threshold}")

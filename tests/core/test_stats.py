@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from leap_plugin.core import AngularStats
-from leap_plugin.core.stats import unit_angle
 
 
 class NaiveStats:
