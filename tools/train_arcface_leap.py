@@ -45,7 +45,7 @@ if str(REPO) not in sys.path:
 
 from leap_plugin.insightface import LEAPMarginLoss  # noqa: E402
 
-LEAP_KEYS = ("version", "head_threshold", "memory_factor", "center_rate", "start_epoch",
+LEAP_KEYS = ("version", "head_threshold", "memory_factor", "center_rate", "center_rate_weights", "start_epoch",
              "update_every", "alpha_per_logit", "target_only", "signed_alpha", "min_angles",
              "angle_reference", "center_dtype", "seed", "straight_through", "class_counts")
 

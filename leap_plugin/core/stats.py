@@ -2,11 +2,15 @@
 
 For every class i the tracker keeps
 
-* the centre c_i, an EMA of the mini-batch mean of the (l2-normalised) features, Eq. 4:
-  ``c_i <- (1 - gamma) * batch_mean_i + gamma * c_i`` (the first sighting takes the batch mean);
+* the centre c_i, an EMA of the mini-batch mean of the (l2-normalised) features, Eq. 4, in one of
+  its two readings (``center_rate_weights``, docs/choices.md): gamma weighs the previous centre,
+  ``c_i <- (1 - gamma) * batch_mean_i + gamma * c_i`` (Eq. 4 as printed), or gamma weighs the batch
+  mean, ``c_i <- gamma * batch_mean_i + (1 - gamma) * c_i`` (gamma as "the learning rate of class
+  center" of centre loss [39]); the first sighting takes the batch mean either way;
 * the angles beta_{i,k} = arccos(f . c_i / (|f| |c_i|)) between each feature and its centre,
-  Eq. 3, in an angle memory of S_i = K_i * P slots, Eq. 5 (a ring buffer: the newest angle
-  overwrites the oldest);
+  Eq. 3, measured to the centre after this batch's update or before it (``angles_to``), in an
+  angle memory of S_i = K_i * P slots, Eq. 5 (a ring buffer: the newest angle overwrites the
+  oldest);
 * from that memory, the angular mean mu_i and the (unbiased) variance sigma_i^2 that Section 3.4
   and Eq. 6 / Eq. 9 consume.
 
@@ -22,11 +26,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["AngularStats", "CENTER_DTYPES", "ANGLE_REFERENCES"]
+__all__ = ["AngularStats", "CENTER_DTYPES", "ANGLE_REFERENCES", "CENTER_RATE_WEIGHTS", "ANGLES_TO"]
 
 CENTER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# what the adapters' option measures Eq. 3's angles to: the EMA centre (paper) or W_y (``reference=``)
-ANGLE_REFERENCES = ("centre", "weight")
+# Eq. 4's two readings: what gamma weighs (the other term gets 1 - gamma)
+CENTER_RATE_WEIGHTS = ("previous_centre", "batch_mean")
+# Eq. 3's centre: after this batch's Eq. 4 update, or before it (this batch's features not in it)
+ANGLES_TO = ("updated_centre", "previous_centre")
+# the adapters' option: the EMA centre (one of ANGLES_TO; "centre" = "updated_centre", the
+# original name) or the classifier weight W_y (``update(..., reference=)``)
+ANGLE_REFERENCES = ("centre", *ANGLES_TO, "weight")
 
 
 def require(ok: torch.Tensor, message) -> None:
@@ -81,7 +90,16 @@ class AngularStats(nn.Module):
         class_counts: K_i, the number of training images of each class (LongTensor [C], all > 0).
         feat_dim: D, the dimension of the features the classifier sees.
         memory_factor: P in Eq. 5; class i remembers its last K_i * P angles.
-        center_rate: gamma in Eq. 4, the weight of the previous centre, in [0, 1).
+        center_rate: gamma in Eq. 4, in [0, 1).
+        center_rate_weights: which term of Eq. 4 gamma weighs (the other gets 1 - gamma):
+            "batch_mean" (default; centre loss's learning rate, c <- gamma batch mean + (1 - gamma) c:
+            the centre moves a step gamma toward the batch mean) or "previous_centre" (Eq. 4 as
+            printed, c <- (1 - gamma) batch mean + gamma c: with gamma = 0.1 the centre is mostly
+            this batch's mean, and each angle mostly one to its batch-mates; the behaviour before
+            this option). tests/core/test_stats_truth.py measures both against the true variance.
+        angles_to: "updated_centre" (Eq. 3 after this batch's Eq. 4 update) or "previous_centre"
+            (before it, so a feature is never measured to a centre it has just pulled toward
+            itself; a class's first sighting then stores no angle: it has no centre yet).
         sync: when torch.distributed is initialised, gather features and labels from every rank
             before the update so that all ranks hold identical statistics (data parallel).
         center_dtype: storage dtype of the centres (float32, or float16 / bfloat16 to halve the
@@ -92,7 +110,8 @@ class AngularStats(nn.Module):
     """
 
     def __init__(self, class_counts, feat_dim: int, memory_factor: int = 1, center_rate: float = 0.1,
-                 sync: bool = True, center_dtype: torch.dtype = torch.float32):
+                 sync: bool = True, center_dtype: torch.dtype = torch.float32,
+                 center_rate_weights: str = "batch_mean", angles_to: str = "updated_centre"):
         super().__init__()
         counts = torch.as_tensor(class_counts)
         if counts.dim() != 1 or counts.numel() == 0 or counts.dtype.is_floating_point:
@@ -110,11 +129,19 @@ class AngularStats(nn.Module):
             raise ValueError(f"center_rate (gamma in Eq. 4) must lie in [0, 1), got {center_rate}")
         if center_dtype not in CENTER_DTYPES:
             raise ValueError(f"center_dtype must be one of {CENTER_DTYPES}, got {center_dtype}")
+        if center_rate_weights not in CENTER_RATE_WEIGHTS:
+            raise ValueError(f"center_rate_weights (which term of Eq. 4 gamma weighs) must be one of "
+                             f"{CENTER_RATE_WEIGHTS}, got {center_rate_weights!r}")
+        if angles_to not in ANGLES_TO:
+            raise ValueError(f"angles_to (Eq. 3's centre: after or before this batch's update) must be "
+                             f"one of {ANGLES_TO}, got {angles_to!r}")
         counts = counts.long()
         num_classes = counts.numel()
         self.feat_dim = int(feat_dim)
         self.memory_factor = int(memory_factor)
         self.center_rate = float(center_rate)
+        self.center_rate_weights = center_rate_weights
+        self.angles_to = angles_to
         self.sync = sync
 
         sizes = counts * self.memory_factor
@@ -156,6 +183,7 @@ class AngularStats(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, feat_dim={self.feat_dim}, "
                 f"memory_factor={self.memory_factor}, center_rate={self.center_rate}, "
+                f"center_rate_weights={self.center_rate_weights}, angles_to={self.angles_to}, "
                 f"memory_slots={self.memory.numel() - 1}")
 
     def _gather(self, features, labels):
@@ -189,8 +217,8 @@ class AngularStats(nn.Module):
                 (an open choice, docs/choices.md); the centres are updated either way.
 
         Returns:
-            [B] float32 angles between each feature and its updated class centre (or reference;
-            NaN for -1). Under data-parallel sync, the angles of this rank's samples only.
+            [B] float32 angles between each feature and its class centre (or reference; NaN for -1
+            and, with ``angles_to="previous_centre"``, for a class's first sighting). Under data-parallel sync, the angles of this rank's samples only.
         """
         _check_features(features, labels, self.feat_dim)
         check_labels(labels, self.num_classes)
@@ -228,31 +256,43 @@ class AngularStats(nn.Module):
         in_batch = group_count[group]  # n_y: samples of the same class in the batch
         group_class = torch.zeros_like(safe).scatter_(0, group, safe)  # class of each group
 
-        # Eq. 4, c <- (1 - gamma) * batch mean + gamma * c (the first sighting takes the batch mean),
-        # in float32: sample i contributes r_i * (f_i - c_y) with r_i = (1 - gamma) / n_y (1 / n_y at
-        # the first sighting), so the n_y rows of class y sum to (1 - gamma) * (mean - c_y); the sum is
-        # made per group, then added to each class's stored centre once (one rounding in 16 bits).
+        # Eq. 4, c <- w * batch mean + (1 - w) * c with w = 1 - gamma (gamma weighs the previous
+        # centre) or w = gamma (gamma weighs the batch mean); the first sighting takes the batch mean.
+        # In float32: sample i contributes r_i * (f_i - c_y) with r_i = w / n_y (1 / n_y at the first
+        # sighting), so the n_y rows of class y sum to w * (mean - c_y); the sum is made per group,
+        # then added to each class's stored centre once (one rounding in 16 bits).
+        to_previous = self.angles_to == "previous_centre"
+        previous = self.centers[safe].float()  # [B, D] c_y before this batch
         written = self.num_written[safe]
-        seen = written > 0
-        rate = torch.where(seen, 1 - self.center_rate, 1.0) * valid / in_batch
-        delta = self.centers[safe].float().sub_(feats).mul_(-rate[:, None])  # [B, D], in place
+        # a class is new until it has stored an angle (updated centre) or has a centre (previous:
+        # its first sighting stores none)
+        seen = previous.norm(dim=1) > 0 if to_previous else written > 0
+        store = valid & seen if to_previous else valid
+        batch_weight = 1 - self.center_rate if self.center_rate_weights == "previous_centre" else self.center_rate
+        rate = torch.where(seen, batch_weight, 1.0) * valid / in_batch
+        # delta reuses previous's buffer unless previous is Eq. 3's centre below
+        delta = (previous.clone() if to_previous else previous).sub_(feats).mul_(-rate[:, None])
         shift = torch.zeros_like(delta).index_add_(0, group, delta)  # [B, D]: row g = group g's change
         self.centers.index_add_(0, group_class, shift.to(self.centers.dtype))
 
-        # Eq. 3: angle to the updated centre (or the reference) in float32, as unit_angle
-        # 2 * atan2(|f - c|, |f + c|), with c and f + c in the buffer of delta (each fresh [B, D]
-        # buffer costs page faults on CPU: 18 of them made the update 4-6x slower at B >= 512)
-        centre = delta.copy_(self.centers[safe] if reference is None else reference)
+        # Eq. 3: angle to the centre (updated, or previous) or to the reference, in float32, as
+        # unit_angle 2 * atan2(|f - c|, |f + c|), with c and f + c in an existing [B, D] buffer
+        # (each fresh [B, D] buffer costs page faults on CPU: 18 of them made the update 4-6x
+        # slower at B >= 512)
+        if reference is not None:
+            centre = delta.copy_(reference)
+        else:
+            centre = previous if to_previous else delta.copy_(self.centers[safe])
         centre.div_(centre.norm(dim=1, keepdim=True).clamp_(min=1e-12))  # = F.normalize
         far = (feats - centre).norm(dim=1)
         angles = 2 * torch.atan2(far, centre.add_(feats).norm(dim=1))
-        angles = torch.where(valid, angles, torch.full_like(angles, math.nan))
+        angles = torch.where(store, angles, torch.full_like(angles, math.nan))
 
         # Eq. 5: ring-buffer write; when a batch holds more than S_i samples of a class only the
         # last S_i are kept (as a sequential write would leave them), the rest go to scratch.
         # A slot never written holds 0, so subtracting the overwritten value is always right.
         size = self.memory_size[safe]
-        keep = valid & (rank >= in_batch - size)
+        keep = store & (rank >= in_batch - size)
         slot = self.memory_offset[safe] + (written + rank) % size
         scratch = self.memory.numel() - 1
         slot = torch.where(keep, slot, torch.full_like(slot, scratch))
@@ -262,7 +302,7 @@ class AngularStats(nn.Module):
         self.memory[scratch] = 0
         self.angle_sum.index_add_(0, safe, stored - overwritten)
         self.angle_sq_sum.index_add_(0, safe, stored.square() - overwritten.square())
-        self.num_written.index_add_(0, safe, valid.long())
+        self.num_written.index_add_(0, safe, store.long())
         if angles.shape[0] != local_batch:  # data-parallel sync: return this rank's part
             rank_id = dist.get_rank()
             longest = angles.shape[0] // dist.get_world_size()

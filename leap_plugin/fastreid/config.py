@@ -8,13 +8,18 @@ from MODEL.HEADS.SCALE / MODEL.HEADS.MARGIN):
                      (-1 = unset; required for "vanilla")
     MEMORY_FACTOR    P of Eq. 5: each class remembers its last K_i * P angles
     CENTER_RATE      gamma of Eq. 4 (paper: 0.1)
+    CENTER_RATE_WEIGHTS  which term of Eq. 4 gamma weighs: "batch_mean" (default: the centre
+                     moves a step gamma toward the batch mean, centre loss's "learning rate of
+                     class center") or "previous_centre" (Eq. 4 as printed: gamma on the old centre,
+                     1 - gamma on the batch mean; the behaviour before this option). docs/choices.md
     START_EPOCH      the epoch from which the feature cloud is applied (paper Fig. 5: 10-30)
     ALPHA_PER_LOGIT  one alpha per (sample, logit) (paper: "alpha_x in R^{1 x C}") or per sample
     TARGET_ONLY      alpha on the target logit only (paper, Eq. 7/8: on every logit -> False)
     SIGNED_ALPHA     alpha ~ N(0, s^2) as the paper states (True) or |alpha| (False)
     MIN_ANGLES       angles a class needs in memory before its variance is trusted (>= 2)
-    ANGLE_REFERENCE  what the angles of Eq. 3 are measured to: "centre" (the EMA feature centre
-                     c_i, paper) or "weight" (the classifier weight W_y)
+    ANGLE_REFERENCE  what the angles of Eq. 3 are measured to: the EMA feature centre c_i (paper)
+                     after this batch's Eq. 4 update, "updated_centre" (also "centre"), or before it,
+                     "previous_centre"; or "weight" (the classifier weight W_y)
     CENTER_DTYPE     storage of the C x D centres: "float32", "float16" or "bfloat16"
                      (Eq. 4 is computed in float32 either way)
 
@@ -33,11 +38,12 @@ from fastreid.config import CfgNode as CN
 
 from ..core import stats
 
-__all__ = ["add_leap_config", "CLS_LAYER_MARGINS", "ANGLE_REFERENCES", "CENTER_DTYPES"]
+__all__ = ["add_leap_config", "CLS_LAYER_MARGINS", "ANGLE_REFERENCES", "CENTER_DTYPES", "CENTER_RATE_WEIGHTS"]
 
 # MODEL.HEADS.CLS_LAYER -> the margin of leap_logits (CosFace Eq. 7, ArcFace Eq. 8)
 CLS_LAYER_MARGINS = {"CosSoftmax": "cos", "ArcSoftmax": "arc"}
 ANGLE_REFERENCES = stats.ANGLE_REFERENCES
+CENTER_RATE_WEIGHTS = stats.CENTER_RATE_WEIGHTS
 CENTER_DTYPES = tuple(str(dtype).removeprefix("torch.") for dtype in stats.CENTER_DTYPES)  # yaml names
 
 
@@ -49,12 +55,13 @@ def add_leap_config(cfg):
     _C.MODEL.HEADS.LEAP.HEAD_THRESHOLD = -1
     _C.MODEL.HEADS.LEAP.MEMORY_FACTOR = 1
     _C.MODEL.HEADS.LEAP.CENTER_RATE = 0.1
+    _C.MODEL.HEADS.LEAP.CENTER_RATE_WEIGHTS = "batch_mean"
     _C.MODEL.HEADS.LEAP.START_EPOCH = 20
     _C.MODEL.HEADS.LEAP.ALPHA_PER_LOGIT = True
     _C.MODEL.HEADS.LEAP.TARGET_ONLY = False
     _C.MODEL.HEADS.LEAP.SIGNED_ALPHA = True
     _C.MODEL.HEADS.LEAP.MIN_ANGLES = 2
-    _C.MODEL.HEADS.LEAP.ANGLE_REFERENCE = "centre"
+    _C.MODEL.HEADS.LEAP.ANGLE_REFERENCE = "updated_centre"
     _C.MODEL.HEADS.LEAP.CENTER_DTYPE = "float32"
 
     _C.DATASETS.LONG_TAIL = CN()

@@ -13,7 +13,7 @@ from fastreid.modeling.heads import EmbeddingHead
 from fastreid.modeling.heads.build import REID_HEADS_REGISTRY
 
 from ..core import AngularStats, FeatureCloud, leap_logits
-from .config import ANGLE_REFERENCES, CENTER_DTYPES, CLS_LAYER_MARGINS
+from .config import ANGLE_REFERENCES, CENTER_DTYPES, CENTER_RATE_WEIGHTS, CLS_LAYER_MARGINS
 
 __all__ = ["LEAPHead", "find_leap_head"]
 
@@ -26,13 +26,15 @@ class LEAPHead(EmbeddingHead):
     @configurable
     def __init__(self, *, leap_version, head_threshold, memory_factor, center_rate, start_epoch,
                  alpha_per_logit, target_only, signed_alpha, min_angles, angle_reference, center_dtype,
-                 **kwargs):
+                 center_rate_weights, **kwargs):
         super().__init__(**kwargs)
         self.margin = CLS_LAYER_MARGINS[kwargs["cls_type"]]
         self.cloud = FeatureCloud(leap_version, None if head_threshold < 0 else head_threshold,
                                   alpha_per_logit, target_only, signed_alpha, min_angles)
         self.memory_factor, self.center_rate = memory_factor, center_rate
+        self.center_rate_weights = center_rate_weights
         self.angle_to_weight = angle_reference == "weight"
+        self.angles_to = "previous_centre" if angle_reference == "previous_centre" else "updated_centre"
         self.center_dtype = getattr(torch, center_dtype)
         self.start_epoch = start_epoch
         self.epoch = 0
@@ -52,6 +54,8 @@ class LEAPHead(EmbeddingHead):
         for key, value, ok in (("VERSION", leap.VERSION, leap.VERSION in ("full", "vanilla")),
                                ("MEMORY_FACTOR", leap.MEMORY_FACTOR, int(leap.MEMORY_FACTOR) >= 1),
                                ("CENTER_RATE", leap.CENTER_RATE, 0 <= leap.CENTER_RATE < 1),
+                               ("CENTER_RATE_WEIGHTS", leap.CENTER_RATE_WEIGHTS,
+                                leap.CENTER_RATE_WEIGHTS in CENTER_RATE_WEIGHTS),
                                ("START_EPOCH", leap.START_EPOCH, leap.START_EPOCH >= 0),
                                ("MIN_ANGLES", leap.MIN_ANGLES, int(leap.MIN_ANGLES) >= 2),
                                ("ANGLE_REFERENCE", leap.ANGLE_REFERENCE, leap.ANGLE_REFERENCE in ANGLE_REFERENCES),
@@ -60,11 +64,13 @@ class LEAPHead(EmbeddingHead):
                 raise ValueError(f"MODEL.HEADS.LEAP.{key}={value!r} is invalid: expected "
                                  + {"VERSION": "'full' or 'vanilla'", "MEMORY_FACTOR": "an integer >= 1",
                                     "CENTER_RATE": "a value in [0, 1)", "START_EPOCH": "an epoch >= 0",
+                                    "CENTER_RATE_WEIGHTS": f"one of {CENTER_RATE_WEIGHTS}",
                                     "MIN_ANGLES": "an integer >= 2",
                                     "ANGLE_REFERENCE": f"one of {ANGLE_REFERENCES}",
                                     "CENTER_DTYPE": f"one of {CENTER_DTYPES}"}[key])
         args.update(leap_version=leap.VERSION, head_threshold=leap.HEAD_THRESHOLD,
                     memory_factor=leap.MEMORY_FACTOR, center_rate=leap.CENTER_RATE,
+                    center_rate_weights=leap.CENTER_RATE_WEIGHTS,
                     start_epoch=leap.START_EPOCH, alpha_per_logit=leap.ALPHA_PER_LOGIT,
                     target_only=leap.TARGET_ONLY, signed_alpha=leap.SIGNED_ALPHA, min_angles=leap.MIN_ANGLES,
                     angle_reference=leap.ANGLE_REFERENCE, center_dtype=leap.CENTER_DTYPE)
@@ -80,7 +86,8 @@ class LEAPHead(EmbeddingHead):
 
     def _build_stats(self, counts):
         self.stats = AngularStats(counts, self.weight.shape[1], self.memory_factor, self.center_rate,
-                                  center_dtype=self.center_dtype).to(self.weight.device)
+                                  center_dtype=self.center_dtype, center_rate_weights=self.center_rate_weights,
+                                  angles_to=self.angles_to).to(self.weight.device)
 
     def set_epoch(self, epoch: int):
         self.epoch = int(epoch)

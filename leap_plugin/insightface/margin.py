@@ -49,7 +49,7 @@ from torch import nn
 
 from ..core import AngularStats, FeatureCloud, leap_logits
 from ..core.margins import MARGINS
-from ..core.stats import ANGLE_REFERENCES
+from ..core.stats import ANGLE_REFERENCES, CENTER_RATE_WEIGHTS
 
 __all__ = ["LEAPMarginLoss", "keyed_normal", "class_block"]
 
@@ -130,6 +130,9 @@ class LEAPMarginLoss(nn.Module):
         head_threshold: T for "vanilla": a class with K_i > T images is a head class.
         memory_factor: P in Eq. 5 (angle memory of K_i * P angles per class).
         center_rate: gamma in Eq. 4 (paper: 0.1).
+        center_rate_weights: which term of Eq. 4 gamma weighs: "batch_mean" (default: a step gamma
+            toward the batch mean, centre loss's learning rate) or "previous_centre" (Eq. 4 as
+            printed: gamma on the old centre; the behaviour before this option). docs/choices.md.
         start_epoch: the cloud is on from this epoch (``set_epoch``); the statistics are tracked
             from the start. Paper (faces): the start of the third triangular-LR cycle.
         update_every: update centres/angles every N training steps (default 5: the paper's
@@ -139,8 +142,9 @@ class LEAPMarginLoss(nn.Module):
         target_only: alpha on the target logit only (Eq. 7 / 8 put it on every logit: False).
         signed_alpha: alpha ~ N(0, s^2) as the paper (True) or |alpha| (False).
         min_angles: angles a class needs in memory before its variance is trusted (>= 2).
-        angle_reference: "centre" (Eq. 3: angles to the EMA feature centre) or "weight" (angles
-            to the class's FC weight row W_y; needs ``attach``).
+        angle_reference: Eq. 3's angles to the EMA feature centre after this update's Eq. 4,
+            "updated_centre" (also "centre"), or before it, "previous_centre"; or "weight" (angles to
+            the class's FC weight row W_y; needs ``attach``).
         center_dtype: storage of the centres (a torch dtype or its name): float16 (default: half
             the bytes of the FC weight block; Eq. 4 is still computed in float32), bfloat16 or
             float32.
@@ -157,9 +161,10 @@ class LEAPMarginLoss(nn.Module):
 
     def __init__(self, class_counts, embedding_size: int, margin: str = "arc", scale: float = 64.0,
                  margin_value: float = 0.5, version: str = "full", head_threshold=None,
-                 memory_factor: int = 1, center_rate: float = 0.1, start_epoch: int = 0,
+                 memory_factor: int = 1, center_rate: float = 0.1, center_rate_weights: str = "batch_mean",
+                 start_epoch: int = 0,
                  update_every: int = 5, alpha_per_logit: bool = True, target_only: bool = False,
-                 signed_alpha: bool = True, min_angles: int = 2, angle_reference: str = "centre",
+                 signed_alpha: bool = True, min_angles: int = 2, angle_reference: str = "updated_centre",
                  center_dtype: torch.dtype = torch.float16, seed: int = 0,
                  straight_through: bool = False, interclass_filtering_threshold: float = 0.0):
         super().__init__()
@@ -177,6 +182,9 @@ class LEAPMarginLoss(nn.Module):
         if angle_reference not in ANGLE_REFERENCES:
             raise ValueError(f"angle_reference must be one of {ANGLE_REFERENCES} (Eq. 3: the EMA centre, "
                              f"or W_y), got {angle_reference!r}")
+        if center_rate_weights not in CENTER_RATE_WEIGHTS:
+            raise ValueError(f"center_rate_weights (which term of Eq. 4 gamma weighs) must be one of "
+                             f"{CENTER_RATE_WEIGHTS}, got {center_rate_weights!r}")
         if not 0.0 <= float(interclass_filtering_threshold) <= 1.0:
             raise ValueError(f"interclass_filtering_threshold must lie in [0, 1] (0 = off), "
                              f"got {interclass_filtering_threshold}")
@@ -208,7 +216,10 @@ class LEAPMarginLoss(nn.Module):
         self.embedding_size = int(embedding_size)
         block = counts[self.class_start: self.class_start + self.num_local]
         self.stats = AngularStats(block, self.embedding_size, memory_factor=memory_factor,
-                                  center_rate=center_rate, sync=False, center_dtype=center_dtype)
+                                  center_rate=center_rate, sync=False, center_dtype=center_dtype,
+                                  center_rate_weights=center_rate_weights,
+                                  angles_to="previous_centre" if angle_reference == "previous_centre"
+                                  else "updated_centre")
         self.num_classes = num_classes
         self.step = 0
         self.epoch = 0

@@ -8,10 +8,15 @@ from leap_plugin.core import AngularStats
 
 
 class NaiveStats:
-    """Straight from the paper's text: loops over classes and samples, float64."""
+    """Straight from the paper's text: loops over classes and samples, float64.
 
-    def __init__(self, counts, dim, P, gamma):
+    ``weights``: which term of Eq. 4 gamma weighs; ``angles_to``: Eq. 3's centre after or before
+    this batch's update (a class's first sighting then stores no angle).
+    """
+
+    def __init__(self, counts, dim, P, gamma, weights="previous_centre", angles_to="updated_centre"):
         self.counts, self.P, self.gamma = list(counts), P, gamma
+        self.weights, self.angles_to = weights, angles_to
         self.centers = [None] * len(counts)
         self.memory = [[] for _ in counts]  # oldest first, at most K_i * P
 
@@ -19,16 +24,20 @@ class NaiveStats:
         feats = torch.nn.functional.normalize(feats.double(), dim=1)
         angles = [math.nan] * len(labels)
         classes = sorted({int(y) for y in labels if y >= 0})
+        previous = list(self.centers)
+        w = 1 - self.gamma if self.weights == "previous_centre" else self.gamma  # on the batch mean
         for c in classes:  # Eq. 4 with the mini-batch mean
             idx = [i for i, y in enumerate(labels) if y == c]
             mean = feats[idx].mean(0)
             old = self.centers[c]
-            self.centers[c] = mean if old is None else (1 - self.gamma) * mean + self.gamma * old
+            self.centers[c] = mean if old is None else w * mean + (1 - w) * old
         for i, y in enumerate(labels):  # Eq. 3, then the ring buffer of Eq. 5
             y = int(y)
             if y < 0:
                 continue
-            c = self.centers[y]
+            c = self.centers[y] if self.angles_to == "updated_centre" else previous[y]
+            if c is None:
+                continue
             cos = float(feats[i] @ c / c.norm())
             angles[i] = math.acos(max(-1.0, min(1.0, cos)))
             self.memory[y].append(angles[i])
@@ -56,13 +65,18 @@ def _nan_close(a, b, atol):
     torch.testing.assert_close(a[ok].double(), b[ok].double(), atol=atol, rtol=0)
 
 
+READINGS = [(w, a) for w in ("previous_centre", "batch_mean") for a in ("updated_centre", "previous_centre")]
+
+
+@pytest.mark.parametrize("weights,angles_to", READINGS)
 @pytest.mark.parametrize("P,gamma", [(1, 0.1), (2, 0.5), (3, 0.0)])
-def test_matches_naive_reference(P, gamma):
+def test_matches_naive_reference(P, gamma, weights, angles_to):
     gen = torch.Generator().manual_seed(P)
     counts = torch.tensor([1, 2, 3, 5, 8, 2, 4])
     C, D = len(counts), 6
-    stats = AngularStats(counts, D, memory_factor=P, center_rate=gamma)
-    ref = NaiveStats(counts.tolist(), D, P, gamma)
+    stats = AngularStats(counts, D, memory_factor=P, center_rate=gamma, center_rate_weights=weights,
+                         angles_to=angles_to)
+    ref = NaiveStats(counts.tolist(), D, P, gamma, weights, angles_to)
     for step in range(25):
         B = int(torch.randint(1, 20, (1,), generator=gen))
         feats = torch.randn(B, D, generator=gen)
@@ -88,7 +102,7 @@ def test_matches_naive_reference(P, gamma):
 
 
 def test_batch_with_more_samples_than_memory_keeps_the_last():
-    stats = AngularStats(torch.tensor([2]), 3, memory_factor=1)
+    stats = AngularStats(torch.tensor([2]), 3, memory_factor=1, center_rate_weights="previous_centre")
     ref = NaiveStats([2], 3, 1, 0.1)
     feats = torch.randn(5, 3, generator=torch.Generator().manual_seed(1))
     stats.update(feats, torch.zeros(5, dtype=torch.long))
@@ -129,13 +143,18 @@ def test_half_precision_features_give_float32_angles():
     assert angles.dtype == torch.float32
 
 
+@pytest.mark.parametrize("weights", ["previous_centre", "batch_mean"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_16bit_centres_track_the_float32_statistics(dtype):
+def test_16bit_centres_track_the_float32_statistics(dtype, weights):
     """16-bit storage rounds each centre once per update (Eq. 4 itself runs in float32): the angles
-    and variances stay within that rounding of the float32 tracker over a long run."""
+    and variances stay within that rounding of the float32 tracker over a long run. A centre keeps
+    1 - w of its rounding error per update (w: the batch mean's weight in Eq. 4), so its error is
+    bounded by ulp / (2 w): 0.56 ulp for w = 0.9 (Eq. 4 as printed), 5 ulp for w = 0.1."""
     gen = torch.Generator().manual_seed(5)
     counts = torch.randint(2, 30, (40,), generator=gen)
-    ref, low = AngularStats(counts, 128), AngularStats(counts, 128, center_dtype=dtype)
+    ref = AngularStats(counts, 128, center_rate_weights=weights)
+    low = AngularStats(counts, 128, center_dtype=dtype, center_rate_weights=weights)
+    w = 0.9 if weights == "previous_centre" else 0.1
     assert low.centers.dtype == dtype and low.centers.nbytes * 2 == ref.centers.nbytes
     means = torch.randn(40, 128, generator=gen)
     for _ in range(200):
@@ -144,10 +163,10 @@ def test_16bit_centres_track_the_float32_statistics(dtype):
         a, b = ref.update(feats, labels), low.update(feats, labels)
         ulp = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11  # relative rounding of the storage
         assert (a - b).abs().max() < 2 * ulp  # rad
-    assert ((low.centers.float() - ref.centers).norm(dim=1) / ref.centers.norm(dim=1)).max() < ulp
+    assert ((low.centers.float() - ref.centers).norm(dim=1) / ref.centers.norm(dim=1)).max() < ulp * max(1, 0.5 / w)
     # |d var| <~ 2 sigma |d angle|: within a few roundings of the storage, for every class
     assert (low.var - ref.var).abs().max() < 4 * ulp * ref.var.max().sqrt()
-    assert (ref.var > 0.02).float().mean() > 0.5  # the variances compared are real ones
+    assert (ref.var > 5e-4).float().mean() > 0.5  # the variances compared are real ones
 
 
 def test_angles_to_a_given_reference_instead_of_the_centre():

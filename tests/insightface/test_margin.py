@@ -280,7 +280,10 @@ def test_errors_say_what_is_wrong():
         _loss("cos", update_every=0)
     with pytest.raises(ValueError, match="head_threshold"):
         _loss("cos", version="vanilla")
-    with pytest.raises(ValueError, match="angle_reference must be one of \\('centre', 'weight'\\)"):
+    with pytest.raises(ValueError, match="angle_reference must be one of \\('centre', 'updated_centre', "
+                                         "'previous_centre', 'weight'\\)"):
         _loss("cos", angle_reference="center")
+    with pytest.raises(ValueError, match="center_rate_weights .* must be one of"):
+        _loss("cos", center_rate_weights="old")
     with pytest.raises(ValueError, match="center_dtype must be one of"):
         _loss("cos", center_dtype="float64")
