@@ -218,3 +218,23 @@ def test_update_errors(feats, labels, match):
     stats = AngularStats(torch.tensor([2, 3]), 4)
     with pytest.raises(ValueError, match=match):
         stats.update(feats, labels)
+
+
+def test_exact_repeats_count_once():
+    """FastReID's identity sampler fills a small class's NUM_INSTANCE slots with repeats: a repeated
+    row must update the centre and the memory as if it were there once (docs/choices.md)."""
+    gen = torch.Generator().manual_seed(3)
+    feats = torch.randn(5, 8, generator=gen)
+    labels = torch.tensor([0, 0, 0, 1, 1])
+    once, twice = AngularStats(torch.tensor([3, 2]), 8), AngularStats(torch.tensor([3, 2]), 8)
+    for step in range(3):
+        shift = 0.1 * step * torch.randn(5, 8, generator=gen)
+        once.update(feats + shift, labels)
+        pick = torch.tensor([0, 1, 2, 0, 3, 4, 4, 2])  # rows 0, 2 and 4 repeated
+        angles = twice.update((feats + shift)[pick], labels[pick])
+        assert angles.isnan().tolist() == [False, False, False, True, False, False, True, True]
+    for name, tensor in once.state_dict().items():
+        torch.testing.assert_close(twice.state_dict()[name], tensor, atol=1e-6, rtol=0, msg=name)
+    # the same row under two labels is two samples, not a repeat
+    both = AngularStats(torch.tensor([3, 2]), 8)
+    assert not both.update(feats[[0, 0]], torch.tensor([0, 1])).isnan().any()
