@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import integrity
+
 __all__ = ["AngularStats", "CENTER_DTYPES", "ANGLE_REFERENCES"]
 
 CENTER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -263,8 +265,35 @@ class AngularStats(nn.Module):
         self.angle_sum.index_add_(0, safe, stored - overwritten)
         self.angle_sq_sum.index_add_(0, safe, stored.square() - overwritten.square())
         self.num_written.index_add_(0, safe, valid.long())
+        self._check_running(angles, labels)
         if angles.shape[0] != local_batch:  # data-parallel sync: return this rank's part
             rank_id = dist.get_rank()
             longest = angles.shape[0] // dist.get_world_size()
             angles = angles[rank_id * longest: rank_id * longest + local_batch]
         return angles
+
+    # ------------------------------------------------------------------ state integrity
+    def _check_running(self, angles: torch.Tensor, labels: torch.Tensor) -> None:
+        """A non-finite angle of a counted sample means a non-finite centre: an error naming the
+        class (on CUDA asynchronous, without the class: ``check_state()`` names it)."""
+        bad = (labels >= 0) & ~torch.isfinite(angles)
+        require(~bad.any(), lambda: "non-finite angle to the centre of "
+                + ("a class (call check_state() to find which)" if bad.is_cuda else
+                   f"class(es) {labels[bad].unique().tolist()}")
+                + ": the statistics hold a non-finite centre (restore a sound checkpoint)")
+
+    def check_state(self) -> None:
+        """Raise ``integrity.StatsStateError`` naming the class unless every centre and sum is
+        finite, every angle in [0, pi] and the running sums match the angle memory (host sync)."""
+        integrity.check_values(dict(self.named_buffers()), self.memory_size, "AngularStats")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + integrity.LAYOUT_KEY] = torch.tensor(
+            [self.memory_factor, self.num_classes, self.feat_dim])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # refuse a state of other options, an incomplete one or corrupt values before copying anything
+        integrity.check_loadable(self, state_dict, prefix)
+        state_dict.pop(prefix + integrity.LAYOUT_KEY, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
