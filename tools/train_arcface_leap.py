@@ -189,6 +189,12 @@ class Session:
                                                interclass_filtering_threshold=interclass_filtering_threshold,
                                                **options)
         loss.reset_stats = reset_stats  # resume: the checkpoint's statistics are replaced by fresh ones
+        if loss.start_epoch >= int(cfg.get("num_epoch") or 0) > 0:
+            logging.warning("LEAP: config.leap['start_epoch'] %d >= config.num_epoch %d: the feature cloud "
+                            "never switches on", loss.start_epoch, cfg.num_epoch)
+        never = loss.cloud.never_on_reason(counts)
+        if never:
+            logging.warning("LEAP: config.leap['head_threshold']: %s", never)
         if reset_stats:
             logging.warning("LEAP: config.leap['reset_stats']: the angular statistics start afresh")
         self.losses.append(weakref.ref(loss))

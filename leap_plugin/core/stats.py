@@ -43,14 +43,22 @@ def require(ok: torch.Tensor, message) -> None:
         raise ValueError(message())
 
 
+def values_in(t: torch.Tensor) -> str:
+    """', got values in [min, max]' for an error message; '' on CUDA (``require`` builds its
+    message before the check, and reading the values would cost a host sync on every call)."""
+    if t.is_cuda:
+        return ""
+    low, high = t.detach().aminmax()
+    return f", got values in [{low.item():g}, {high.item():g}]"
+
+
 def check_labels(labels: torch.Tensor, num_classes: int, name: str = "labels") -> None:
     """Raise a ValueError unless every label is -1 (ignored) or in [0, num_classes)."""
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor, got {labels.dtype}")
     if labels.numel():
         require((labels >= -1).all() & (labels < num_classes).all(),
-                lambda: f"{name} must lie in [0, {num_classes}) or be -1 (ignored), got values in "
-                        f"[{int(labels.min())}, {int(labels.max())}]")
+                lambda: f"{name} must lie in [0, {num_classes}) or be -1 (ignored){values_in(labels)}")
 
 
 def unit_angle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -74,6 +82,11 @@ def _check_features(features: torch.Tensor, labels: torch.Tensor, feat_dim: int)
         require(torch.isfinite(torch.stack(features.detach().aminmax())).all(),
                 lambda: "features contain NaN or inf: the angle to a class centre is undefined "
                         "(check the learning rate / mixed-precision overflow upstream)")
+        counted = labels.to(features.device) >= 0
+        zero = (torch.linalg.vector_norm(features.detach(), math.inf, dim=1) == 0) & counted  # [B]
+        require(~zero.any(), lambda: "a feature row of a counted sample is all zero: it has no direction, "
+                                     "so no angle to its class centre (check the network's output)"
+                                     + ("" if zero.is_cuda else f"; rows {torch.nonzero(zero).flatten()[:5].tolist()}"))
 
 
 class AngularStats(nn.Module):

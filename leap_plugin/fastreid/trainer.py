@@ -44,6 +44,7 @@ class LEAPTrainer(DefaultTrainer):
         if head is not None:
             head.set_class_counts(class_counts(self.data_loader.dataset))
             head.reset_stats = cfg.MODEL.HEADS.LEAP.RESET_STATS
+            _warn_if_the_cloud_never_switches_on(cfg, head)
 
     def resume_or_load(self, resume=True):
         head = find_leap_head(self.model)
@@ -59,3 +60,13 @@ class LEAPTrainer(DefaultTrainer):
 
     def build_hooks(self):
         return super().build_hooks() + [LEAPEpochHook()]
+
+
+def _warn_if_the_cloud_never_switches_on(cfg, head):
+    log = logging.getLogger(__name__)
+    if head.start_epoch >= cfg.SOLVER.MAX_EPOCH:
+        log.warning(f"MODEL.HEADS.LEAP.START_EPOCH {head.start_epoch} >= SOLVER.MAX_EPOCH {cfg.SOLVER.MAX_EPOCH}: "
+                    f"the feature cloud never switches on (this run trains as the host's head)")
+    reason = head.cloud.never_on_reason(head.stats.class_counts)
+    if reason:
+        log.warning(f"MODEL.HEADS.LEAP.HEAD_THRESHOLD: {reason}")

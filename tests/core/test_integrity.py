@@ -99,3 +99,34 @@ def test_load_checked_names_the_host_option_or_starts_afresh():
     fresh = dict(state)
     load_checked(stats, fresh, "stats.", True, {}, "")
     assert torch.equal(fresh["stats.memory"], stats.memory) and fresh["stats.layout"].tolist() == [2, 4, 4]
+
+
+def test_an_all_zero_feature_row_is_an_error_not_an_angle_of_half_pi():
+    stats = AngularStats(COUNTS, 4)
+    features = torch.randn(3, 4)
+    features[1] = 0
+    with pytest.raises(ValueError, match=r"feature row of a counted sample is all zero.*rows \[1\]"):
+        stats.update(features, torch.tensor([0, 2, 1]))
+    assert int(stats.num_written.sum()) == 0
+    stats.update(features, torch.tensor([0, -1, 1]))  # an ignored row may be anything finite
+    assert int(stats.num_written.sum()) == 2
+
+
+@pytest.mark.parametrize("bad, match", [(float("nan"), r"got values in \[nan"), (30.0, r"got values in \[.*, 30\]")])
+def test_leap_logits_refuses_what_is_not_a_cosine(bad, match):
+    from leap_plugin.core import leap_logits
+    cosine = torch.rand(4, 5) * 2 - 1
+    leap_logits(cosine, torch.tensor([0, 1, -1, 4]), margin="cos", scale=30, margin_value=0.2)
+    cosine[2, 3] = bad
+    with pytest.raises(ValueError, match=r"cosine must hold cos\(theta\) in \[-1, 1\], " + match):
+        leap_logits(cosine, torch.tensor([0, 1, -1, 4]), margin="cos", scale=30, margin_value=0.2)
+    with pytest.raises(ValueError, match=match):
+        leap_logits(cosine, torch.tensor([0, 1, -1, 4]), margin="arc", scale=30, margin_value=0.2)
+
+
+@pytest.mark.parametrize("label", [4, 9, -5])
+def test_feature_cloud_sample_refuses_a_label_outside_the_classes(label):
+    from leap_plugin.core import FeatureCloud
+    with pytest.raises(ValueError, match=rf"labels must lie in \[0, 4\) or be -1 \(ignored\), got values in "
+                                         rf"\[{min(label, 0)}, {max(label, 1)}\]"):
+        FeatureCloud().sample(trained(), torch.tensor([0, label, 1]))

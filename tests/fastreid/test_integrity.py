@@ -172,3 +172,15 @@ def test_eval_only_without_weights_is_refused(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "--eval-only needs the model to evaluate: set MODEL.WEIGHTS" in proc.stderr
     assert not os.path.exists(tmp_path / "eval")  # nothing written
+
+
+def test_a_cloud_that_never_switches_on_is_warned_about(datasets_root, tmp_path, caplog):
+    opts = {"MODEL.HEADS.LEAP.START_EPOCH": 2, "SOLVER.MAX_EPOCH": 2,
+            "MODEL.HEADS.LEAP.VERSION": "vanilla", "MODEL.HEADS.LEAP.HEAD_THRESHOLD": 10}
+    LEAPTrainer(tiny_cfg("leap_cf.yml", output_dir=str(tmp_path / "a"), **opts))
+    assert "START_EPOCH 2 >= SOLVER.MAX_EPOCH 2: the feature cloud never switches on" in caplog.text
+    assert "HEAD_THRESHOLD: no class has more than head_threshold T = 10 images (the largest K_i is 10)" in caplog.text
+    caplog.clear()
+    opts.update({"MODEL.HEADS.LEAP.START_EPOCH": 1, "MODEL.HEADS.LEAP.HEAD_THRESHOLD": 9})
+    LEAPTrainer(tiny_cfg("leap_cf.yml", output_dir=str(tmp_path / "b"), **opts))
+    assert "never" not in caplog.text

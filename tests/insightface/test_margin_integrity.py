@@ -68,3 +68,17 @@ def test_corrupt_statistics_are_refused_naming_the_class(arcface, saved):
     with pytest.raises(StatsStateError, match=r"(?s)non-finite class centre for class \[4\].*"
                                               "resume from a sound checkpoint, or set config.leap"):
         pfc.load_state_dict(saved)
+
+
+def test_tool_warns_when_the_cloud_never_switches_on(caplog):
+    session = _tool().Session()
+    session.cfg = edict(num_classes=len(COUNTS), embedding_size=8, rec="", num_epoch=30,
+                        leap=dict(class_counts=COUNTS, version="vanilla", head_threshold=40, start_epoch=30))
+    session.build_loss(64.0, (1.0, 0.0, 0.35))
+    text = caplog.text
+    assert "start_epoch'] 30 >= config.num_epoch 30: the feature cloud never switches on" in text
+    assert "no class has more than head_threshold T = 40 images (the largest K_i is 40)" in text
+    caplog.clear()
+    session.cfg.leap.update(head_threshold=39, start_epoch=29)
+    session.build_loss(64.0, (1.0, 0.0, 0.35))
+    assert "never" not in caplog.text
