@@ -184,3 +184,24 @@ def test_a_cloud_that_never_switches_on_is_warned_about(datasets_root, tmp_path,
     opts.update({"MODEL.HEADS.LEAP.START_EPOCH": 1, "MODEL.HEADS.LEAP.HEAD_THRESHOLD": 9})
     LEAPTrainer(tiny_cfg("leap_cf.yml", output_dir=str(tmp_path / "b"), **opts))
     assert "never" not in caplog.text
+
+
+def test_omniglot_split_and_cache_are_keyed_by_content_not_path(tmp_path, monkeypatch):
+    # the issue: the same images at another path rejected a published split ("646 images are not
+    # in Omniglot_LT"), and other images at the same path loaded the old prepared cache
+    from test_omniglot import write_omniglot_folder
+    root = str(tmp_path / "datasets")
+    here = write_omniglot_folder(str(tmp_path / "here"))
+    there = shutil.copytree(here, str(tmp_path / "elsewhere" / "there"))
+    monkeypatch.setenv("OMNIGLOT_ROOT", here)
+    split = str(tmp_path / "split.json")
+    lt = {"num_head": 2, "tail_images": 3, "seed": 0}
+    published = DATASET_REGISTRY.get("Omniglot_LT")(root=root, long_tail=dict(lt, save_split=split))
+    monkeypatch.setenv("OMNIGLOT_ROOT", there)
+    loaded = DATASET_REGISTRY.get("Omniglot_LT")(root=root, long_tail={"split_file": split})
+    assert loaded.train == published.train
+    shutil.rmtree(here)  # other images at the first path: prepared afresh, not the old cache
+    write_omniglot_folder(here, alphabets=("Gamma",), characters=8)
+    monkeypatch.setenv("OMNIGLOT_ROOT", here)
+    other = DATASET_REGISTRY.get("Omniglot")(root=root)
+    assert {p.split(os.sep)[-3] for p, _, _ in other.train} == {"Gamma"}
