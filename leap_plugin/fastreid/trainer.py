@@ -43,8 +43,15 @@ class LEAPTrainer(DefaultTrainer):
         head = find_leap_head(self.model)
         if head is not None:
             head.set_class_counts(class_counts(self.data_loader.dataset))
-            head.reset_stats = cfg.MODEL.HEADS.LEAP.RESET_STATS
             _warn_if_the_cloud_never_switches_on(cfg, head)
+
+    @classmethod
+    def build_model(cls, cfg):
+        model = super().build_model(cfg)  # also for --eval-only (tools/train_net.py)
+        head = find_leap_head(model)
+        if head is not None:
+            head.reset_stats = cfg.MODEL.HEADS.LEAP.RESET_STATS
+        return model
 
     def resume_or_load(self, resume=True):
         head = find_leap_head(self.model)
