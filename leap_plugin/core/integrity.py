@@ -51,6 +51,13 @@ def _classes(mask: torch.Tensor, limit: int = 5) -> str:
     return f"class{'es' if bad.numel() > 1 else ''} {shown}{more} ({bad.numel()} of {mask.numel()})"
 
 
+def _differ(what: str, mask: torch.Tensor, saved, now, now_means: str, option=None) -> StatsStateError:
+    """'<what> for classes [..], e.g. class i: <saved> saved, <now> <now_means>'."""
+    first = int(torch.nonzero(mask)[0])
+    return StatsStateError(f"{what} for {_classes(mask)}, e.g. class {first}: {float(saved[first]):.6g} "
+                           f"saved, {float(now[first]):.6g} {now_means}", option)
+
+
 def check_values(state: dict, memory_size: torch.Tensor, where: str) -> None:
     """Raise StatsStateError unless the buffers in ``state`` (AngularStats names) are sound.
 
@@ -77,11 +84,8 @@ def check_values(state: dict, memory_size: torch.Tensor, where: str) -> None:
             raise StatsStateError(f"{where}: non-finite {name} for {_classes(bad)}")
         bad = (saved - expected).abs() > _SUM_RTOL * (1 + expected.abs())
         if bool(bad.any()):
-            first = int(torch.nonzero(bad)[0])
-            raise StatsStateError(
-                f"{where}: {name} does not match the angle memory for {_classes(bad)}, e.g. class "
-                f"{first}: {float(saved[first]):.6g} saved, {float(expected[first]):.6g} in its memory "
-                f"(the buffers come from different states or were edited)")
+            raise _differ(f"{where}: {name} does not match the angle memory", bad, saved, expected,
+                          "in its memory (the buffers come from different states or were edited)")
 
 
 def _saved_layout(state: dict, layout) -> dict:
@@ -125,11 +129,8 @@ def check_loadable(stats, state_dict: dict, prefix: str) -> None:
     if counts is not None:
         differ = counts.to(stats.class_counts.device) != stats.class_counts
         if bool(differ.any()):
-            first = int(torch.nonzero(differ)[0])
-            raise StatsStateError(
-                f"{where} were collected on other class counts: K_i differs for {_classes(differ)}, e.g. "
-                f"class {first} had {int(counts[first])} images, now {int(stats.class_counts[first])} "
-                f"(a different training split)", "class_counts")
+            raise _differ(f"{where} were collected on other class counts: K_i differs", differ, counts,
+                          stats.class_counts, "images now (a different training split)", "class_counts")
     missing = [n for n in names if n not in state]
     if missing:
         raise StatsStateError(f"{where} are incomplete: {missing} absent while {sorted(state)} are "
