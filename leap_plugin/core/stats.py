@@ -84,9 +84,9 @@ def _check_features(features: torch.Tensor, labels: torch.Tensor, feat_dim: int)
                         "(check the learning rate / mixed-precision overflow upstream)")
         counted = labels.to(features.device) >= 0
         zero = (torch.linalg.vector_norm(features.detach(), math.inf, dim=1) == 0) & counted  # [B]
-        require(~zero.any(), lambda: "a feature row of a counted sample is all zero: it has no direction, "
-                                     "so no angle to its class centre (check the network's output)"
-                                     + ("" if zero.is_cuda else f"; rows {torch.nonzero(zero).flatten()[:5].tolist()}"))
+        require(~zero.any(), lambda: "a feature row of a counted sample is all zero: it has no direction, so "
+                                     "no angle to its class centre (check the network's output)"
+                                     + ("" if zero.is_cuda else f"; rows {torch.nonzero(zero)[:5, 0].tolist()}"))
 
 
 class AngularStats(nn.Module):

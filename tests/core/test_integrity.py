@@ -42,8 +42,8 @@ def test_a_sound_state_round_trips_and_carries_its_layout():
 
 @pytest.mark.parametrize("make, match, option", [
     (lambda: AngularStats(COUNTS, 4, memory_factor=2), r"memory factor P \(Eq. 5.*1, this run 2", "memory_factor"),
-    (lambda: AngularStats(torch.tensor([2, 3, 4, 5]), 4), r"K_i differs for class \[3\].*class 3: 1 saved, 5 images now",
-     "class_counts"),
+    (lambda: AngularStats(torch.tensor([2, 3, 4, 5]), 4),
+     r"K_i differs for class \[3\].*class 3: 1 saved, 5 images now", "class_counts"),
     (lambda: AngularStats(torch.tensor([2, 3, 4]), 4), "have classes 4, this run 3", "class_counts"),
     (lambda: AngularStats(COUNTS, 8), "feature dimension D 4, this run 8", "feat_dim"),
 ])
