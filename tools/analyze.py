@@ -49,8 +49,7 @@ _MAY_SKIP = ("heads.weight", "heads.stats.")
 
 class _Checkpointer(LEAPCheckpointer):
     """The plugin's Checkpointer (clear errors for bad files and statistics), keeping what did not
-    load so that analyze_run can refuse to
-    measure a half-random model (FastReID only logs it)."""
+    load so that analyze_run can refuse to measure a half-random model (FastReID only logs it)."""
 
     def _load_model(self, checkpoint):
         self.incompatible = super()._load_model(checkpoint)
