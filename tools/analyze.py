@@ -32,11 +32,10 @@ from fastreid.config import get_cfg  # noqa: E402
 from fastreid.data.common import CommDataset  # noqa: E402
 from fastreid.data.datasets import DATASET_REGISTRY  # noqa: E402
 from fastreid.data.transforms import build_transforms  # noqa: E402
-from fastreid.modeling import build_model  # noqa: E402
-from fastreid.utils.checkpoint import Checkpointer  # noqa: E402
 from leap_plugin.analysis import (class_angles, head_tail_summary, plot_angle_distributions,  # noqa: E402
                                   plot_tsne, plot_variance_bars)
-from leap_plugin.fastreid import add_leap_config, find_leap_head  # noqa: E402
+from leap_plugin.fastreid import LEAPTrainer, add_leap_config, find_leap_head  # noqa: E402
+from leap_plugin.fastreid.checkpoint import LEAPCheckpointer  # noqa: E402
 from leap_plugin.fastreid.trainer import long_tail_kwargs  # noqa: E402
 
 __all__ = ["analyze_run", "build_train_set", "extract_features", "setup"]
@@ -48,9 +47,9 @@ logger = logging.getLogger("leap_plugin.analyze")
 _MAY_SKIP = ("heads.weight", "heads.stats.")
 
 
-class _Checkpointer(Checkpointer):
-    """FastReID's Checkpointer, keeping what did not load so that analyze_run can refuse to
-    measure a half-random model (FastReID only logs it)."""
+class _Checkpointer(LEAPCheckpointer):
+    """The plugin's Checkpointer (clear errors for bad files and statistics), keeping what did not
+    load so that analyze_run can refuse to measure a half-random model (FastReID only logs it)."""
 
     def _load_model(self, checkpoint):
         self.incompatible = super()._load_model(checkpoint)
@@ -88,7 +87,7 @@ def _load_model(cfg, weights):
     if not weights or not os.path.isfile(weights):
         raise FileNotFoundError(f"weights {weights!r} is not a file: give the model_final.pth of a "
                                 f"training run (analysing an untrained model would be meaningless)")
-    model = build_model(cfg)
+    model = LEAPTrainer.build_model(cfg)  # FastReID's build_model; MODEL.HEADS.LEAP.RESET_STATS honoured
     checkpointer = _Checkpointer(model)
     checkpointer.load(weights)
     bad = checkpointer.incompatible
@@ -119,7 +118,7 @@ def analyze_run(cfg, weights, out_dir, head_threshold=None, plots=False) -> dict
 
     Args:
         cfg: a FastReID config with the LEAP keys (``add_leap_config``), as used for training.
-        weights: the checkpoint (``model_final.pth``), loaded with FastReID's Checkpointer.
+        weights: the checkpoint (``model_final.pth``), loaded with the plugin's LEAPCheckpointer.
         out_dir: gets analysis.json and angles.npz (and angles.png, variance.png, tsne.png with
             ``plots``).
         head_threshold: T; a class with more than T images is a head class. Default

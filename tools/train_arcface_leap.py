@@ -47,7 +47,7 @@ from leap_plugin.insightface import LEAPMarginLoss  # noqa: E402
 
 LEAP_KEYS = ("version", "head_threshold", "memory_factor", "center_rate", "center_rate_weights", "start_epoch",
              "update_every", "alpha_per_logit", "target_only", "signed_alpha", "min_angles",
-             "angle_reference", "center_dtype", "seed", "straight_through", "class_counts")
+             "angle_reference", "center_dtype", "seed", "straight_through", "class_counts", "reset_stats")
 
 
 def find_arcface_torch(root) -> Path:
@@ -168,6 +168,7 @@ class Session:
         cfg = self.cfg
         options = dict(cfg.leap)
         counts = options.pop("class_counts", None)
+        reset_stats = bool(options.pop("reset_stats", False))
         rec = Path(str(cfg.get("rec") or ""))
         if counts is not None:
             counts = read_class_counts(counts, cfg.num_classes)
@@ -187,6 +188,15 @@ class Session:
         loss = LEAPMarginLoss.from_margin_list(margin_list, scale, counts, cfg.embedding_size,
                                                interclass_filtering_threshold=interclass_filtering_threshold,
                                                **options)
+        loss.reset_stats = reset_stats  # resume: the checkpoint's statistics are replaced by fresh ones
+        if loss.start_epoch >= int(cfg.get("num_epoch") or 0) > 0:
+            logging.warning("LEAP: config.leap['start_epoch'] %d >= config.num_epoch %d: the feature cloud "
+                            "never switches on", loss.start_epoch, cfg.num_epoch)
+        never = loss.cloud.never_on_reason(counts)
+        if never:
+            logging.warning("LEAP: config.leap['head_threshold']: %s", never)
+        if reset_stats:
+            logging.warning("LEAP: config.leap['reset_stats']: the angular statistics start afresh")
         self.losses.append(weakref.ref(loss))
         return loss
 

@@ -14,9 +14,9 @@ import leap_plugin.fastreid  # noqa: E402,F401  (registers LEAPHead, the *_LT da
 from fastreid.config import get_cfg  # noqa: E402
 from fastreid.engine import default_argument_parser, default_setup, launch  # noqa: E402
 from fastreid.utils import comm  # noqa: E402
-from fastreid.utils.checkpoint import Checkpointer  # noqa: E402
 from fastreid.utils.env import seed_all_rng  # noqa: E402
 from leap_plugin.fastreid import LEAPTrainer, add_leap_config  # noqa: E402
+from leap_plugin.fastreid.checkpoint import LEAPCheckpointer, lock_output_dir  # noqa: E402
 
 
 def setup(args):
@@ -25,6 +25,10 @@ def setup(args):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
+    if args.eval_only and not cfg.MODEL.WEIGHTS:
+        sys.exit("--eval-only needs the model to evaluate: set MODEL.WEIGHTS to a checkpoint "
+                 "(e.g. MODEL.WEIGHTS <OUTPUT_DIR>/model_final.pth)")
+    lock_output_dir(cfg.OUTPUT_DIR)  # before default_setup writes its log and config.yaml there
     default_setup(cfg, args)  # seeds every RNG at random
     if cfg.SEED >= 0:
         seed_all_rng(cfg.SEED + comm.get_rank())
@@ -44,7 +48,7 @@ def main(args):
         cfg.defrost()
         cfg.MODEL.BACKBONE.PRETRAIN = False
         model = LEAPTrainer.build_model(cfg)
-        Checkpointer(model).load(cfg.MODEL.WEIGHTS)
+        LEAPCheckpointer(model).load(cfg.MODEL.WEIGHTS)
         return LEAPTrainer.test(cfg, model)
     trainer = LEAPTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)

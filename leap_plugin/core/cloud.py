@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .stats import AngularStats
+from .stats import AngularStats, check_labels
 
 __all__ = ["FeatureCloud"]
 
@@ -128,6 +128,7 @@ class FeatureCloud:
 
     def std(self, stats: AngularStats, labels: torch.Tensor) -> torch.Tensor:
         """[B] cloud std of each sample's class (Section 3.4); 0 where the class gets no cloud."""
+        check_labels(labels, stats.num_classes)
         return self.std_from(self.trusted_var(stats), stats.class_counts, labels.to(stats.centers.device))
 
     def noise_columns(self, num_logits: int) -> int:
@@ -155,6 +156,16 @@ class FeatureCloud:
         [B, num_logits] that is zero but in each row's target column (``labels`` needed)."""
         noise = torch.randn(std.shape[0], self.noise_columns(num_logits), device=std.device, generator=generator)
         return self.alpha_from_noise(noise, std, num_logits, labels)
+
+    def never_on_reason(self, class_counts) -> str:
+        """Why no sample can ever get a cloud with these K_i ('' if one can): the vanilla version
+        with no class above T has no head class to take sigma_h^2 (Eq. 6) from."""
+        counts = torch.as_tensor(class_counts)
+        if self.version != "vanilla" or bool(self.is_head(counts).any()):
+            return ""
+        return (f"no class has more than head_threshold T = {self.head_threshold} images (the largest "
+                f"K_i is {int(counts.max())}): the vanilla reference variance (Eq. 6) has no head class, "
+                f"so no sample ever gets a cloud")
 
     def sample(self, stats: AngularStats, labels: torch.Tensor, generator=None,
                num_logits=None) -> torch.Tensor:

@@ -22,13 +22,14 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from .stats import check_labels
+from .stats import check_labels, require, values_in
 
 __all__ = ["leap_logits", "MARGINS"]
 
 MARGINS = ("cos", "arc")
 _TINY = 1e-12  # floor of sin^2(theta): keeps d sin / d cos finite at cos = +-1
 _BELOW_PI = 3.141592502593994  # the float32 just below pi (sin of it is > 0)
+_COS_SLACK = 1e-2  # |cos| beyond 1 that rounding (16-bit matmuls) may give; more is not a cosine
 
 
 def shifted_cos(cosine, shift, scale=1.0, grad_cosine=False, grad_shift=False):
@@ -143,6 +144,12 @@ def leap_logits(cosine: torch.Tensor, labels: torch.Tensor, alpha=None, margin: 
         raise ValueError(f"labels must have shape [B] = [{cosine.shape[0]}], got {tuple(labels.shape)}")
     check_labels(labels, cosine.shape[1])
     cosine = cosine.float()
+    if cosine.numel():  # min and max carry NaN and |cos| > 1: one pass, no host sync on CUDA
+        low_high = torch.stack(cosine.detach().aminmax())
+        require(torch.isfinite(low_high).all() & (low_high.abs() <= 1 + _COS_SLACK).all(),
+                lambda: f"cosine must hold cos(theta) in [-1, 1]{values_in(cosine)}: pass the "
+                        f"cosines of normalised features and weights, not scaled logits (NaN or inf: "
+                        f"check the features and weights upstream)")
     if alpha is not None:
         alpha = alpha.float()
         if alpha.dim() == 1:

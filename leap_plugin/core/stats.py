@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import integrity
+
 __all__ = ["AngularStats", "CENTER_DTYPES", "ANGLE_REFERENCES", "CENTER_RATE_WEIGHTS", "ANGLES_TO"]
 
 CENTER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -50,14 +52,22 @@ def require(ok: torch.Tensor, message) -> None:
         raise ValueError(message())
 
 
+def values_in(t: torch.Tensor) -> str:
+    """', got values in [min, max]' for an error message; '' on CUDA (``require`` builds its
+    message before the check, and reading the values would cost a host sync on every call)."""
+    if t.is_cuda:
+        return ""
+    low, high = t.detach().aminmax()
+    return f", got values in [{low.item():g}, {high.item():g}]"
+
+
 def check_labels(labels: torch.Tensor, num_classes: int, name: str = "labels") -> None:
     """Raise a ValueError unless every label is -1 (ignored) or in [0, num_classes)."""
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor, got {labels.dtype}")
     if labels.numel():
         require((labels >= -1).all() & (labels < num_classes).all(),
-                lambda: f"{name} must lie in [0, {num_classes}) or be -1 (ignored), got values in "
-                        f"[{int(labels.min())}, {int(labels.max())}]")
+                lambda: f"{name} must lie in [0, {num_classes}) or be -1 (ignored){values_in(labels)}")
 
 
 def unit_angle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -107,6 +117,11 @@ def _check_features(features: torch.Tensor, labels: torch.Tensor, feat_dim: int)
         require(torch.isfinite(torch.stack(features.detach().aminmax())).all(),
                 lambda: "features contain NaN or inf: the angle to a class centre is undefined "
                         "(check the learning rate / mixed-precision overflow upstream)")
+        counted = labels.to(features.device) >= 0
+        zero = (torch.linalg.vector_norm(features.detach(), math.inf, dim=1) == 0) & counted  # [B]
+        require(~zero.any(), lambda: "a feature row of a counted sample is all zero: it has no direction, so "
+                                     "no angle to its class centre (check the network's output)"
+                                     + ("" if zero.is_cuda else f"; rows {torch.nonzero(zero)[:5, 0].tolist()}"))
 
 
 class AngularStats(nn.Module):
@@ -330,8 +345,35 @@ class AngularStats(nn.Module):
         self.angle_sum.index_add_(0, safe, stored - overwritten)
         self.angle_sq_sum.index_add_(0, safe, stored.square() - overwritten.square())
         self.num_written.index_add_(0, safe, store.long())
+        self._check_running(angles, torch.where(store, labels, torch.full_like(labels, -1)))
         if angles.shape[0] != local_batch:  # data-parallel sync: return this rank's part
             rank_id = dist.get_rank()
             longest = angles.shape[0] // dist.get_world_size()
             angles = angles[rank_id * longest: rank_id * longest + local_batch]
         return angles
+
+    # ------------------------------------------------------------------ state integrity
+    def _check_running(self, angles: torch.Tensor, labels: torch.Tensor) -> None:
+        """A non-finite angle of a counted sample means a non-finite centre: an error naming the
+        class (on CUDA asynchronous, without the class: ``check_state()`` names it)."""
+        bad = (labels >= 0) & ~torch.isfinite(angles)
+        require(~bad.any(), lambda: "non-finite angle to the centre of "
+                + ("a class (call check_state() to find which)" if bad.is_cuda else
+                   f"class(es) {labels[bad].unique().tolist()}")
+                + ": the statistics hold a non-finite centre (restore a sound checkpoint)")
+
+    def check_state(self) -> None:
+        """Raise ``integrity.StatsStateError`` naming the class unless every centre and sum is
+        finite, every angle in [0, pi] and the running sums match the angle memory (host sync)."""
+        integrity.check_values(dict(self.named_buffers()), self.memory_size, "AngularStats")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + integrity.LAYOUT_KEY] = torch.tensor(
+            [self.memory_factor, self.num_classes, self.feat_dim])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # refuse a state of other options, an incomplete one or corrupt values before copying anything
+        integrity.check_loadable(self, state_dict, prefix)
+        state_dict.pop(prefix + integrity.LAYOUT_KEY, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -33,6 +33,10 @@ DATASETS.LONG_TAIL (read by the ``*_LT`` datasets, paper Section 4.1):
     SEED         seed of the choice of the S images
     SPLIT_FILE   a published split (JSON, as written to OUTPUT_DIR/long_tail_split.json by every
                  run) to train on instead of recomputing it ("" = compute from H, S, SEED)
+
+MODEL.HEADS.LEAP.RESET_STATS: load a checkpoint (``--resume`` or MODEL.WEIGHTS) without its angular
+statistics, which start afresh. A checkpoint whose statistics were collected with another
+MEMORY_FACTOR, split or feature dimension is refused unless this is True.
 """
 from fastreid.config import CfgNode as CN
 
@@ -69,6 +73,8 @@ def add_leap_config(cfg):
     _C.DATASETS.LONG_TAIL.TAIL_IMAGES = 5
     _C.DATASETS.LONG_TAIL.SEED = 0
     _C.DATASETS.LONG_TAIL.SPLIT_FILE = ""
+
+    _C.MODEL.HEADS.LEAP.RESET_STATS = False  # start the statistics afresh on resume (docstring)
 
     _C.SEED = -1
     return cfg

@@ -36,23 +36,80 @@ def long_tail_items(items, num_head, tail_images, seed):
     return [item for pid in split for item in split[pid]]
 
 
-def save_split(path, name, items, params, root):
-    """Write the kept training images per identity (paths relative to the datasets root)."""
+def _split_identities(items, root):
     identities = defaultdict(list)
     for img_path, pid, _ in items:
         identities[str(pid)].append(os.path.relpath(img_path, root))
+    return identities
+
+
+def save_split(path, name, items, params, root):
+    """Write the kept training images per identity (paths relative to the datasets root).
+
+    An existing file with another split is never overwritten (it belongs to the earlier run in
+    that OUTPUT_DIR, whose checkpoints were trained on it); the file is written atomically.
+    """
+    identities = _split_identities(items, root)
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                same = json.load(f).get("identities") == identities
+        except (ValueError, AttributeError):
+            same = False
+        if same:
+            return
+        raise ValueError(
+            f"{path} holds another split than this run's ({name}, {len(items)} images): it is the "
+            f"split of the earlier run in this OUTPUT_DIR. Train on it with DATASETS.LONG_TAIL.SPLIT_FILE "
+            f"{path}, or use a new OUTPUT_DIR for the new split (move the file away to replace it)")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump({"dataset": name, "rule": "leap_plugin.core.longtail.longtail_split", **params,
                    "num_images": len(items), "identities": identities}, f, indent=1)  # order kept
+    os.replace(path + ".tmp", path)
+
+
+def _read_split(path):
+    """The ``identities`` of a split file, checked: {identity: [image, ...]}, no image twice."""
+    def bad(what):
+        return ValueError(f"DATASETS.LONG_TAIL.SPLIT_FILE {path}: {what} (expected a file as written to "
+                          f"OUTPUT_DIR/long_tail_split.json: {{'dataset': ..., 'identities': "
+                          f"{{identity: [image path, ...]}}}})")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"DATASETS.LONG_TAIL.SPLIT_FILE={path!r} does not exist")
+    def unique_keys(pairs):
+        keys = [key for key, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"a key is repeated in one object: {sorted(k for k in keys if keys.count(k) > 1)[:3]}")
+        return dict(pairs)
+    try:
+        with open(path) as f:
+            split = json.load(f, object_pairs_hook=unique_keys)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise bad(f"not valid JSON ({err})") from None
+    if not isinstance(split, dict):
+        raise bad(f"the top level is a {type(split).__name__}, not an object")
+    identities = split.get("identities")
+    if not isinstance(identities, dict):
+        raise bad("no 'identities' object" if identities is None else
+                  f"'identities' is a {type(identities).__name__}, not an object")
+    if not identities:
+        raise bad("'identities' is empty: the split keeps no training image")
+    seen = {}
+    for pid, rels in identities.items():
+        if not isinstance(rels, list) or not rels or not all(isinstance(r, str) for r in rels):
+            raise bad(f"identity {pid!r} must map to a non-empty list of image paths, got {rels!r:.80}")
+        for rel in rels:
+            if rel in seen:
+                raise bad(f"image {rel} is listed twice (identities {seen[rel]!r} and {pid!r}): it "
+                          f"would count twice in K_i")
+            seen[rel] = pid
+    return split
 
 
 def load_split(path, name, items, root):
-    """The training items a split file keeps; an error names any image the dataset lacks."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"DATASETS.LONG_TAIL.SPLIT_FILE={path!r} does not exist")
-    with open(path) as f:
-        split = json.load(f)
+    """The training items a split file keeps; an error names the file and what is wrong with it."""
+    split = _read_split(path)
     if split.get("dataset") != name:
         raise ValueError(f"split file {path} is for {split.get('dataset')!r}, not {name}")
     by_key = {(str(pid), os.path.relpath(img_path, root)): (img_path, pid, camid) for img_path, pid, camid in items}
@@ -92,6 +149,8 @@ def register_long_tail(base_name: str):
         else:
             self._train = long_tail_items(full, **params)
             source = f"<H{params['num_head']}, S{params['tail_images']}> seed {params['seed']}"
+        if not self._train:  # FastReID's sampler would wait for an image forever
+            raise ValueError(f"{name}: {source} keeps no training image")
         if save_to:
             save_split(save_to, name, self._train, params, root)
         if self.mode == "train":

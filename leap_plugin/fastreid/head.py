@@ -13,6 +13,7 @@ from fastreid.modeling.heads import EmbeddingHead
 from fastreid.modeling.heads.build import REID_HEADS_REGISTRY
 
 from ..core import AngularStats, FeatureCloud, leap_logits
+from ..core.integrity import load_checked
 from .config import ANGLE_REFERENCES, CENTER_DTYPES, CENTER_RATE_WEIGHTS, CLS_LAYER_MARGINS
 
 __all__ = ["LEAPHead", "find_leap_head"]
@@ -96,12 +97,19 @@ class LEAPHead(EmbeddingHead):
     def cloud_active(self) -> bool:
         return self.epoch >= self.start_epoch
 
+    # MODEL.HEADS.LEAP.RESET_STATS (LEAPTrainer sets it): load the checkpoint's model, fresh statistics
+    reset_stats = False
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a checkpoint carries K_i: build the statistics from it before the buffers load (also for
         # --eval-only, where the classifier is built with NUM_CLASSES 0 and skipped by the loader)
         counts = state_dict.get(prefix + "stats.class_counts")
         if self.stats is None and counts is not None:
             self._build_stats(counts)
+        if self.stats is not None:  # refuse statistics of other options (FastReID would load a part)
+            load_checked(self.stats, state_dict, prefix + "stats.", self.reset_stats, STATS_OPTIONS,
+                         "set MODEL.HEADS.LEAP.RESET_STATS True to keep the checkpoint's model and "
+                         "start the statistics afresh")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, features, targets=None):
@@ -152,3 +160,9 @@ def find_leap_head(model):
         if isinstance(module, LEAPHead):
             return module
     return None
+
+
+# the FastReID names of the options a saved statistics state must share with the run (core.integrity)
+STATS_OPTIONS = {"memory_factor": "MODEL.HEADS.LEAP.MEMORY_FACTOR",
+                 "class_counts": "the training split (DATASETS.NAMES, DATASETS.LONG_TAIL)",
+                 "feat_dim": "the feature dimension (MODEL.BACKBONE.FEAT_DIM, MODEL.HEADS.EMBEDDING_DIM)"}

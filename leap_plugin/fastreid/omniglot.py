@@ -114,14 +114,25 @@ def _source_files(source):
         raise ValueError(f"{source} is neither a folder nor a zip file")
 
 
+def content_key(source):
+    """12 hex digits of sha256 over the source's PNG paths and bytes (a zip's members or a folder's
+    files): the same images give the same key at any path (so the prepared folder, and the image
+    paths in a published split, are the same everywhere), and changed images give a new one."""
+    digest = hashlib.sha256()
+    for rel, opener in sorted(_source_files(source), key=lambda item: item[0]):
+        with opener() as f:
+            digest.update(f"{rel.replace(os.sep, '/')}\0".encode() + f.read())
+    return digest.hexdigest()[:12]
+
+
 def prepare(source, datasets_root):
     """The images of ``source`` as 8-bit grayscale PNGs, written once under the datasets root.
 
     Omniglot's PNGs are 1-bit; fastreid's ``read_image`` turns those into a boolean RGB array that
-    PIL cannot convert back (``Cannot handle this data type: (1, 1, 3), |b1``).
+    PIL cannot convert back (``Cannot handle this data type: (1, 1, 3), |b1``). The folder is
+    keyed by the images' content (``content_key``), not by the source's path.
     """
-    key = hashlib.sha256(os.path.abspath(source).encode()).hexdigest()[:12]
-    dest = os.path.join(datasets_root, "omniglot-prepared", key)
+    dest = os.path.join(datasets_root, "omniglot-prepared", content_key(source))
     if os.path.isfile(os.path.join(dest, ".complete")):
         return dest
     files = list(_source_files(source))

@@ -2,8 +2,10 @@
 
 It hands the training set's class counts K_i (relabelled ids, as CommDataset numbers them) to the
 LEAPHead, passes DATASETS.LONG_TAIL to the ``*_LT`` datasets, and adds ``LEAPEpochHook``. With
-any other head it trains exactly like DefaultTrainer.
+any other head it trains exactly like DefaultTrainer. Its OUTPUT_DIR is locked against a second
+live run and its checkpoints are saved atomically (``checkpoint.py``).
 """
+import logging
 import os
 from collections import Counter
 
@@ -11,6 +13,7 @@ from fastreid.data import build_reid_train_loader
 from fastreid.engine import DefaultTrainer
 from fastreid.utils import comm
 
+from .checkpoint import LEAPCheckpointer, lock_output_dir
 from .head import find_leap_head
 from .hooks import LEAPEpochHook
 
@@ -34,10 +37,29 @@ def long_tail_kwargs(cfg, publish=True):
 
 class LEAPTrainer(DefaultTrainer):
     def __init__(self, cfg):
+        lock_output_dir(cfg.OUTPUT_DIR)  # before the split file or a checkpoint is written there
         super().__init__(cfg)
+        self.checkpointer.__class__ = LEAPCheckpointer  # same state, atomic saves (the hooks hold it)
         head = find_leap_head(self.model)
         if head is not None:
             head.set_class_counts(class_counts(self.data_loader.dataset))
+            _warn_if_the_cloud_never_switches_on(cfg, head)
+
+    @classmethod
+    def build_model(cls, cfg):
+        model = super().build_model(cfg)  # also for --eval-only (tools/train_net.py)
+        head = find_leap_head(model)
+        if head is not None:
+            head.reset_stats = cfg.MODEL.HEADS.LEAP.RESET_STATS
+        return model
+
+    def resume_or_load(self, resume=True):
+        head = find_leap_head(self.model)
+        if head is not None and head.reset_stats:
+            logging.getLogger(__name__).warning(
+                "MODEL.HEADS.LEAP.RESET_STATS: the angular statistics start afresh; any in the "
+                "checkpoint are ignored")
+        super().resume_or_load(resume=resume)
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -45,3 +67,13 @@ class LEAPTrainer(DefaultTrainer):
 
     def build_hooks(self):
         return super().build_hooks() + [LEAPEpochHook()]
+
+
+def _warn_if_the_cloud_never_switches_on(cfg, head):
+    log = logging.getLogger(__name__)
+    if head.start_epoch >= cfg.SOLVER.MAX_EPOCH:
+        log.warning(f"MODEL.HEADS.LEAP.START_EPOCH {head.start_epoch} >= SOLVER.MAX_EPOCH {cfg.SOLVER.MAX_EPOCH}: "
+                    f"the feature cloud never switches on (this run trains as the host's head)")
+    reason = head.cloud.never_on_reason(head.stats.class_counts)
+    if reason:
+        log.warning(f"MODEL.HEADS.LEAP.HEAD_THRESHOLD: {reason}")

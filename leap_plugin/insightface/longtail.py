@@ -146,12 +146,29 @@ def _relabel(label, new_id: int) -> Label:
     return label
 
 
+_IMAGE_MAGIC = {b"\xff\xd8\xff": (b"\xff\xd9", "JPEG"), b"\x89PNG\r\n\x1a\n": (b"IEND", "PNG")}
+
+
+def _check_image(reader, key: int, ordinal: int, payload: bytes) -> None:
+    """Refuse a payload that is not a whole JPEG / PNG (garbage or cut short): it would be copied."""
+    for magic, (end, _) in _IMAGE_MAGIC.items():
+        if payload.startswith(magic) and end in payload[-16:]:
+            return
+    raise ValueError(f"{reader.path}: image key {key} (byte {reader.idx[key]}) of identity record {ordinal} "
+                     f"is not a complete JPEG or PNG ({len(payload)} bytes, starting {payload[:4].hex()}): "
+                     f"corrupt train.rec; re-copy it from its source")
+
+
 def _kept_images(reader, kept: Dict[int, list]):
     """(new label, image bytes) of the kept images, identity by identity, streamed."""
     for new_id, ordinal in enumerate(sorted(kept)):
         source_label = None
         for key in kept[ordinal]:
+            if key not in reader:
+                raise ValueError(f"{reader.idx_path} has no line for image key {key} of identity record "
+                                 f"{ordinal}: the .idx is incomplete or not the index of {reader.path}")
             header, payload = unpack(reader.read_idx(key))
+            _check_image(reader, key, ordinal, payload)
             label = _first_label(header.label)
             if source_label is None:
                 source_label = label
@@ -162,7 +179,20 @@ def _kept_images(reader, kept: Dict[int, list]):
             yield _relabel(header.label, new_id), payload
 
 
-def _link_side_files(src: Path, dst: Path, num_classes: int) -> None:
+def _read_property(src: Path) -> Optional[list]:
+    """The fields of ``src/property`` (``num_classes,height,width``), None without one."""
+    prop = src / "property"
+    if not prop.is_file():
+        return None
+    text = prop.read_text(errors="replace").strip()
+    fields = text.split(",")
+    if len(fields) != 3 or not all(f.strip().isdigit() for f in fields):
+        raise ValueError(f"{prop} holds {text[:60]!r}: expected 'num_classes,height,width' "
+                         f"(e.g. 85742,112,112); fix or delete it")
+    return [f.strip() for f in fields]
+
+
+def _link_side_files(src: Path, dst: Path, num_classes: int, prop: Optional[list]) -> None:
     """Symlink the verification sets (``*.bin``; arcface_torch looks for them beside train.rec)
     and write ``property`` with the new class count when the source has one."""
     for bin_file in sorted(src.glob("*.bin")):
@@ -171,10 +201,8 @@ def _link_side_files(src: Path, dst: Path, num_classes: int) -> None:
             link.unlink()
         if not link.exists():
             link.symlink_to(bin_file.resolve())
-    prop = src / "property"
-    if prop.is_file():
-        fields = prop.read_text().strip().split(",")
-        (dst / "property").write_text(",".join([str(num_classes)] + fields[1:]) + "\n")
+    if prop is not None:
+        (dst / "property").write_text(",".join([str(num_classes)] + prop[1:]) + "\n")
 
 
 def make_longtail_rec(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], num_head: int,
@@ -206,6 +234,7 @@ def make_longtail_rec(src: Union[str, os.PathLike], dst: Union[str, os.PathLike]
     if existing and not force:
         raise FileExistsError(f"{' and '.join(existing)} already exist: pass --force "
                               f"(force=True) to overwrite them")
+    prop = _read_property(src)
     dst.mkdir(parents=True, exist_ok=True)
 
     with IndexedRecordReader(src / IDX, src / REC) as reader:
@@ -226,7 +255,7 @@ def make_longtail_rec(src: Union[str, os.PathLike], dst: Union[str, os.PathLike]
             for tmp in (tmp_rec, tmp_idx):
                 if tmp.exists():
                     tmp.unlink()
-    _link_side_files(src, dst, len(order))
+    _link_side_files(src, dst, len(order), prop)
     return LongtailSummary(
         num_classes=len(order), num_image=num_image, num_head=num_head,
         num_tail=len(order) - num_head, tail_images=tail_images, seed=seed,

@@ -49,11 +49,17 @@ from torch import nn
 
 from ..core import AngularStats, FeatureCloud, leap_logits
 from ..core.margins import MARGINS
+from ..core.integrity import load_checked
 from ..core.stats import ANGLE_REFERENCES, CENTER_RATE_WEIGHTS
 
 __all__ = ["LEAPMarginLoss", "keyed_normal", "class_block"]
 
 _M32 = 0xFFFFFFFF
+# arcface_torch names of the options a saved statistics state must share with the run (core.integrity)
+STATS_OPTIONS = {"memory_factor": "config.leap['memory_factor']",
+                 "class_counts": "the classes of this rank's block (config.num_classes, the class counts "
+                                 "K_i of config.rec or config.leap['class_counts'], or the world size)",
+                 "feat_dim": "config.embedding_size"}
 
 
 def class_block(num_classes: int, rank: int, world_size: int):
@@ -278,6 +284,16 @@ class LEAPMarginLoss(nn.Module):
                              f"into one over {self.num_classes} (cfg.num_classes differs)")
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
+
+    # config.leap['reset_stats'] (tools/train_arcface_leap.py sets it): resume without the statistics
+    reset_stats = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # refuse statistics of other options or corrupt ones, naming the config key (core.integrity)
+        load_checked(self.stats, state_dict, prefix + "stats.", self.reset_stats, STATS_OPTIONS,
+                     "set config.leap['reset_stats'] = True to resume the model and start the "
+                     "statistics afresh")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ embeddings in
     def attach(self, partial_fc: nn.Module) -> "LEAPMarginLoss":
