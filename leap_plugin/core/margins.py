@@ -97,8 +97,8 @@ class _LEAPLogits(torch.autograd.Function):
     """Eq. 7 / Eq. 8 with alpha, as one autograd node: the backward is a single multiplication."""
 
     @staticmethod
-    def forward(ctx, cosine, alpha, labels, margin, scale, margin_value, inplace):
-        grads = ctx.needs_input_grad[0], alpha is not None and ctx.needs_input_grad[1]
+    def forward(ctx, cosine, alpha, labels, margin, scale, margin_value, inplace, straight_through):
+        grads = ctx.needs_input_grad[0] and not straight_through, alpha is not None and ctx.needs_input_grad[1]
         column = labels.clamp(min=0)[:, None]
         cos_y = cosine.gather(1, column)  # before an in-place write
         # every column j, Eq. 7 and Eq. 8 alike: s * cos(theta_j + alpha)
@@ -128,7 +128,7 @@ class _LEAPLogits(torch.autograd.Function):
                 d_cosine.scatter_(1, column, torch.where(no_target, d_cosine.gather(1, column), dc_y))
         if grads[1]:
             d_alpha.scatter_(1, column, torch.where(no_target, d_alpha.gather(1, column), da_y))
-        ctx.scale, ctx.alpha_shape = scale, None if alpha is None else alpha.shape
+        ctx.scale, ctx.alpha_shape, ctx.straight_through = scale, None if alpha is None else alpha.shape, straight_through
         # the [B, C] derivative is kept off saved_tensors: the backward multiplies the incoming
         # gradient into it in place (no second [B, C] buffer), so it serves one backward only
         ctx.d_cosine, ctx.has_d_cosine = d_cosine, d_cosine is not None
@@ -141,7 +141,9 @@ class _LEAPLogits(torch.autograd.Function):
         column, dc_y, d_alpha = ctx.saved_tensors
         grad_cosine = grad_alpha = None
         if ctx.needs_input_grad[0]:
-            if ctx.has_d_cosine:
+            if ctx.straight_through:
+                grad_cosine = grad * ctx.scale
+            elif ctx.has_d_cosine:
                 if ctx.d_cosine is None:
                     raise RuntimeError("leap_logits with alpha: a second backward through the same logits "
                                        "(retain_graph=True) is not supported; its derivative was used up by "
@@ -151,11 +153,12 @@ class _LEAPLogits(torch.autograd.Function):
                 grad_cosine = (grad * ctx.scale).scatter_(1, column, grad.gather(1, column) * dc_y)
         if d_alpha is not None:
             grad_alpha = (grad * d_alpha).sum_to_size(ctx.alpha_shape)
-        return grad_cosine, grad_alpha, None, None, None, None, None
+        return grad_cosine, grad_alpha, None, None, None, None, None, None
 
 
 def leap_logits(cosine: torch.Tensor, labels: torch.Tensor, alpha=None, margin: str = "cos",
-                scale: float = 1.0, margin_value: float = 0.0, inplace: bool = False) -> torch.Tensor:
+                scale: float = 1.0, margin_value: float = 0.0, inplace: bool = False,
+                straight_through: bool = False) -> torch.Tensor:
     """Scaled margin logits with the feature cloud, Eq. 7 ("cos") or Eq. 8 ("arc").
 
     Args:
@@ -171,6 +174,9 @@ def leap_logits(cosine: torch.Tensor, labels: torch.Tensor, alpha=None, margin: 
         inplace: write the logits into ``cosine`` (float32, not a leaf that requires grad) and
             return it, as arcface_torch's CombinedMarginLoss overwrites its input: one [B, C]
             buffer less.
+        straight_through: the values of Eq. 7 / 8, but the gradient w.r.t. ``cosine`` taken as s
+            everywhere, as arcface_torch's CombinedMarginLoss computes its ArcFace margin under
+            ``no_grad``; no [B, C] derivative is kept for the backward.
 
     Returns:
         [B, C] float32 logits s * (...), differentiable w.r.t. ``cosine``.
@@ -195,4 +201,5 @@ def leap_logits(cosine: torch.Tensor, labels: torch.Tensor, alpha=None, margin: 
             raise ValueError(f"alpha must have shape [B], [B, 1] or [B, C] = {list(cosine.shape)}, "
                              f"got {tuple(alpha.shape)}")
 
-    return _LEAPLogits.apply(cosine, alpha, labels, margin, float(scale), float(margin_value), bool(inplace))
+    return _LEAPLogits.apply(cosine, alpha, labels, margin, float(scale), float(margin_value), bool(inplace),
+                             bool(straight_through))

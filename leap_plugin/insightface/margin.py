@@ -236,7 +236,7 @@ class LEAPMarginLoss(nn.Module):
         inplace: write the logits into the float32 cosines passed in (overwriting them) and
             return that tensor, as ``CombinedMarginLoss`` overwrites its input: one [B, C] buffer
             and its page faults less per step. Not done for a leaf (or a view of one) that
-            requires grad, nor with ``straight_through`` (which reads the cosines afterwards).
+            requires grad.
 
     Must be constructed after ``torch.distributed`` is initialised (as PartialFC_V2); without a
     process group it is a single-process loss over all classes.
@@ -521,14 +521,11 @@ class LEAPMarginLoss(nn.Module):
             cosine = logits.float()
             if self.interclass_filtering_threshold > 0:
                 cosine = self._filter(cosine, labels)
-            inplace = (self.inplace and not self.straight_through and cosine.dtype == torch.float32
+            inplace = (self.inplace and cosine.dtype == torch.float32
                        and (not cosine.requires_grad or (not cosine.is_leaf and cosine._base is None)))
-            out = leap_logits(cosine, labels, alpha, margin=self.margin, scale=self.scale,
-                              margin_value=self.margin_value, inplace=inplace)
-            if self.straight_through:
-                plain = cosine * self.scale
-                out = plain + (out - plain).detach()
-        return out
+            return leap_logits(cosine, labels, alpha, margin=self.margin, scale=self.scale,
+                               margin_value=self.margin_value, inplace=inplace,
+                               straight_through=self.straight_through)
 
     def _filter(self, cosine, labels):
         """CombinedMarginLoss's inter-class filtering: zero non-target cosines above the threshold."""
