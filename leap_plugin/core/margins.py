@@ -22,6 +22,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
+from .blocks import blocks
 from .stats import check_labels, require, values_in
 
 __all__ = ["leap_logits", "MARGINS"]
@@ -69,21 +70,48 @@ def shifted_cos(cosine, shift, scale=1.0, grad_cosine=False, grad_shift=False):
     return out, d_cosine, d_shift
 
 
+def blocked_shifted_cos(cosine, shift, scale=1.0, grad_cosine=False, grad_shift=False, out=None):
+    """:func:`shifted_cos` of [B, C] cosines, block by block (``core.blocks``): the same values,
+    written into [B, C] results without [B, C] temporaries.
+
+    ``shift``: a [B, 1] or [B, C] tensor, or a [B, C] block source (``shift[rows, cols]`` with
+    slices gives that block: an alpha drawn block by block, never held whole). ``out``: where
+    the values go (may be ``cosine`` itself: each block is read before it is written).
+    """
+    parts = list(blocks(*cosine.shape, cosine.device))
+
+    def part(r, c):
+        return shifted_cos(cosine[r, c], shift[r, c] if shift.shape[1] > 1 else shift[r], scale,
+                           grad_cosine, grad_shift)
+    if len(parts) == 1 and out is None:
+        return part(*parts[0])
+    results = [torch.empty_like(cosine) if wanted else None for wanted in (out is None, grad_cosine, grad_shift)]
+    results[0] = out if out is not None else results[0]
+    for r, c in parts:
+        for result, block in zip(results, part(r, c)):
+            if result is not None:
+                result[r, c] = block
+    return tuple(results)
+
+
 class _LEAPLogits(torch.autograd.Function):
     """Eq. 7 / Eq. 8 with alpha, as one autograd node: the backward is a single multiplication."""
 
     @staticmethod
-    def forward(ctx, cosine, alpha, labels, margin, scale, margin_value):
-        grads = ctx.needs_input_grad[0], alpha is not None and ctx.needs_input_grad[1]
+    def forward(ctx, cosine, alpha, labels, margin, scale, margin_value, inplace, straight_through):
+        grads = ctx.needs_input_grad[0] and not straight_through, alpha is not None and ctx.needs_input_grad[1]
         column = labels.clamp(min=0)[:, None]
+        cos_y = cosine.gather(1, column)  # before an in-place write
         # every column j, Eq. 7 and Eq. 8 alike: s * cos(theta_j + alpha)
         if alpha is None:
-            logits, d_cosine, d_alpha = cosine * scale, None, None
+            logits, d_cosine, d_alpha = cosine.mul_(scale) if inplace else cosine * scale, None, None
         else:
-            logits, d_cosine, d_alpha = shifted_cos(cosine, alpha, scale, *grads)
+            logits, d_cosine, d_alpha = blocked_shifted_cos(cosine, alpha, scale, *grads,
+                                                            out=cosine if inplace else None)
+        if inplace:
+            ctx.mark_dirty(cosine)
         # the target column y, B values: s * (cos(theta_y + alpha) - m) (Eq. 7) or
         # s * cos(theta_y + alpha + m) (Eq. 8); a row labelled -1 keeps the plain value
-        cos_y = cosine.gather(1, column)
         alpha_y = (cosine.new_zeros(()) if alpha is None else alpha if alpha.shape[1] == 1
                    else alpha.gather(1, column))
         if margin == "cos":  # Eq. 7
@@ -101,36 +129,55 @@ class _LEAPLogits(torch.autograd.Function):
                 d_cosine.scatter_(1, column, torch.where(no_target, d_cosine.gather(1, column), dc_y))
         if grads[1]:
             d_alpha.scatter_(1, column, torch.where(no_target, d_alpha.gather(1, column), da_y))
-        ctx.scale, ctx.alpha_shape = scale, None if alpha is None else alpha.shape
-        ctx.save_for_backward(column, d_cosine, dc_y if grads[0] and d_cosine is None else None, d_alpha)
+        ctx.scale, ctx.alpha_shape, ctx.straight_through = scale, None if alpha is None else alpha.shape, straight_through
+        # the [B, C] derivative is kept off saved_tensors: the backward multiplies the incoming
+        # gradient into it in place (no second [B, C] buffer), so it serves one backward only
+        ctx.d_cosine, ctx.has_d_cosine = d_cosine, d_cosine is not None
+        ctx.save_for_backward(column, dc_y if grads[0] and d_cosine is None else None, d_alpha)
         return logits
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        column, d_cosine, dc_y, d_alpha = ctx.saved_tensors
+        column, dc_y, d_alpha = ctx.saved_tensors
         grad_cosine = grad_alpha = None
         if ctx.needs_input_grad[0]:
-            if d_cosine is not None:
-                grad_cosine = grad * d_cosine
+            if ctx.straight_through:
+                grad_cosine = grad * ctx.scale
+            elif ctx.has_d_cosine:
+                if ctx.d_cosine is None:
+                    raise RuntimeError("leap_logits with alpha: a second backward through the same logits "
+                                       "(retain_graph=True) is not supported; its derivative was used up by "
+                                       "the first (the gradient is computed in place)")
+                grad_cosine, ctx.d_cosine = ctx.d_cosine.mul_(grad), None
             else:
                 grad_cosine = (grad * ctx.scale).scatter_(1, column, grad.gather(1, column) * dc_y)
         if d_alpha is not None:
             grad_alpha = (grad * d_alpha).sum_to_size(ctx.alpha_shape)
-        return grad_cosine, grad_alpha, None, None, None, None
+        return grad_cosine, grad_alpha, None, None, None, None, None, None
 
 
 def leap_logits(cosine: torch.Tensor, labels: torch.Tensor, alpha=None, margin: str = "cos",
-                scale: float = 1.0, margin_value: float = 0.0) -> torch.Tensor:
+                scale: float = 1.0, margin_value: float = 0.0, inplace: bool = False,
+                straight_through: bool = False) -> torch.Tensor:
     """Scaled margin logits with the feature cloud, Eq. 7 ("cos") or Eq. 8 ("arc").
 
     Args:
         cosine: [B, C] cos(theta) between normalised features and class weights.
         labels: [B] target column of each row, or -1 for a row with no target column here.
-        alpha: None, or the cloud angles: [B], [B, 1] (one per sample) or [B, C] (one per logit).
+        alpha: None, or the cloud angles: [B], [B, 1] (one per sample) or [B, C] (one per logit),
+            or a [B, C] block source: an object with ``shape``, ``alpha[rows, cols]`` (slices: a
+            fresh float32 block) and ``alpha.gather(1, index)``, drawn block by block and never
+            held whole (no gradient flows to it; e.g. the InsightFace loss's keyed alpha).
         margin: "cos" (CosFace, additive cosine margin m_c) or "arc" (ArcFace, angular margin m_a).
         scale: s.
         margin_value: m_c or m_a.
+        inplace: write the logits into ``cosine`` (float32, not a leaf that requires grad) and
+            return it, as arcface_torch's CombinedMarginLoss overwrites its input: one [B, C]
+            buffer less.
+        straight_through: the values of Eq. 7 / 8, but the gradient w.r.t. ``cosine`` taken as s
+            everywhere, as arcface_torch's CombinedMarginLoss computes its ArcFace margin under
+            ``no_grad``; no [B, C] derivative is kept for the backward.
 
     Returns:
         [B, C] float32 logits s * (...), differentiable w.r.t. ``cosine``.
@@ -143,6 +190,8 @@ def leap_logits(cosine: torch.Tensor, labels: torch.Tensor, alpha=None, margin: 
     if labels.dim() != 1 or labels.shape[0] != cosine.shape[0]:
         raise ValueError(f"labels must have shape [B] = [{cosine.shape[0]}], got {tuple(labels.shape)}")
     check_labels(labels, cosine.shape[1])
+    if inplace and cosine.dtype != torch.float32:
+        raise ValueError(f"inplace=True writes float32 logits into cosine: it must be float32, got {cosine.dtype}")
     cosine = cosine.float()
     if cosine.numel():  # min and max carry NaN and |cos| > 1: one pass, no host sync on CUDA
         low_high = torch.stack(cosine.detach().aminmax())
@@ -150,12 +199,14 @@ def leap_logits(cosine: torch.Tensor, labels: torch.Tensor, alpha=None, margin: 
                 lambda: f"cosine must hold cos(theta) in [-1, 1]{values_in(cosine)}: pass the "
                         f"cosines of normalised features and weights, not scaled logits (NaN or inf: "
                         f"check the features and weights upstream)")
-    if alpha is not None:
+    if torch.is_tensor(alpha):
         alpha = alpha.float()
         if alpha.dim() == 1:
             alpha = alpha[:, None]
-        if alpha.dim() != 2 or alpha.shape[0] != cosine.shape[0] or alpha.shape[1] not in (1, cosine.shape[1]):
+    if alpha is not None:
+        if len(alpha.shape) != 2 or alpha.shape[0] != cosine.shape[0] or alpha.shape[1] not in (1, cosine.shape[1]):
             raise ValueError(f"alpha must have shape [B], [B, 1] or [B, C] = {list(cosine.shape)}, "
                              f"got {tuple(alpha.shape)}")
 
-    return _LEAPLogits.apply(cosine, alpha, labels, margin, float(scale), float(margin_value))
+    return _LEAPLogits.apply(cosine, alpha, labels, margin, float(scale), float(margin_value), bool(inplace),
+                             bool(straight_through))

@@ -32,6 +32,10 @@ How the pieces sit under model parallelism (every rank holds the block of classe
   union over ranks is exactly the single-process draw, whatever the world size, the class split or
   the ``sample_rate < 1`` sampling, and on any device. (A seeded ``torch.Generator`` per step would
   only give that for one alpha per sample: its stream depends on the tensor shape it fills.)
+  A per-logit alpha is never held whole: ``leap_logits`` draws it block by block, in cache, where
+  Eq. 7 / 8 use it, and the logits overwrite the cosines passed in (as ``CombinedMarginLoss``
+  does; ``inplace``), so the step holds one [B, C] buffer more than the host's: the saved
+  derivative (``benchmarks/bench_face_step.py``).
 * **Sampled columns.** With ``sample_rate < 1`` PartialFC_V2 stores the sampled local class
   indices in ``weight_index`` right before it calls the margin loss; the attached loss reads them
   to know the global class of each column (used by the per-logit alpha). The statistics never
@@ -48,11 +52,12 @@ import torch.distributed as dist
 from torch import nn
 
 from ..core import AngularStats, FeatureCloud, leap_logits
+from ..core.blocks import blocks
 from ..core.margins import MARGINS
 from ..core.integrity import load_checked
 from ..core.stats import ANGLE_REFERENCES, CENTER_RATE_WEIGHTS
 
-__all__ = ["LEAPMarginLoss", "keyed_normal", "class_block"]
+__all__ = ["LEAPMarginLoss", "KeyedNormal", "keyed_normal", "class_block"]
 
 _M32 = 0xFFFFFFFF
 # arcface_torch names of the options a saved statistics state must share with the run (core.integrity)
@@ -79,28 +84,106 @@ def _mix32(x):
     return (x >> 16) ^ x
 
 
-def keyed_normal(key: int, rows: torch.Tensor, cols=None) -> torch.Tensor:
-    """Standard normal draws that are a pure function of ``(key, row, col)``.
+def _int32(x):
+    """The int32 with the bits of ``x`` (python int or int64 tensor in [0, 2^32))."""
+    x = (x ^ 0x80000000) - 0x80000000
+    return x.int() if torch.is_tensor(x) else x
+
+
+# lowbias32 (C. Wellons, "hash prospector"): x ^= x >> 16; x *= M1; x ^= x >> 15; x *= M2; x ^= x >> 16
+_LOWBIAS = ((16, 0x7FEB352D), (15, _int32(0x846CA68B)), (16, 1))
+
+
+def _lowbias32(h, tmp):
+    """lowbias32 of an int32 tensor, in place. int32 products wrap mod 2^32; a right shift of
+    int32 copies the sign bit, so the shifted-in bits are masked off (a logical shift)."""
+    for shift, mult in _LOWBIAS:
+        torch.bitwise_right_shift(h, shift, out=tmp).bitwise_and_((1 << (32 - shift)) - 1)
+        h.bitwise_xor_(tmp)
+        if mult != 1:
+            h.mul_(mult)
+    return h
+
+
+class KeyedNormal:
+    """The table of standard normal draws z[i, j], a pure function of ``(key, rows[i], cols[j])``,
+    drawn where it is read: ``half_var(r, c)`` (slices) gives a block of z / sqrt(2),
+    ``half_var_gather(index)`` the entries ``z[i, index[i, k]] / sqrt(2)``, ``full()`` all of z.
+
+    Any subset of rows/columns gets the values the full table has at those places, on any device:
+    this is what lets every rank draw its shard of a row's alpha without communication.
+
+    Each row and each column id is hashed once with the key (32 bits each); a draw hashes the XOR
+    of its row's and column's hashes (lowbias32), takes the top 24 bits as an odd multiple u of
+    2^-24 in (-1, 1) (uniform, symmetric, never +-1) and returns the inverse normal CDF of
+    (u + 1) / 2, i.e. sqrt(2) erfinv(u): one 32-bit hash and one erfinv per draw, in int32 and
+    float32. The tails reach sqrt(2) erfinv(1 - 2^-24) = 5.3 (the 2^-25 quantile).
 
     Args:
         key: any non-negative python int (e.g. mixed from a seed and the step).
         rows: [B] int64 row ids.
-        cols: None (one draw per row, shape [B, 1]) or [N] int64 column ids (shape [B, N]).
-
-    Any subset of rows/columns gets the values the full table has at those places, on any device:
-    this is what lets every rank draw its shard of a row's alpha without communication.
-    Box-Muller on two 24-bit uniforms hashed from the counters.
+        cols: None (one draw per row: a [B, 1] table) or [N] int64 column ids ([B, N]).
     """
-    k_row = _mix32(_mix32(key & _M32) ^ 0x68E31DA4)
-    k_col = _mix32(_mix32((key >> 32) & _M32) ^ 0x1B56C4E9)
-    h = _mix32((rows.long() & _M32) ^ k_row)[:, None]
-    if cols is not None:
-        h = h ^ _mix32((cols.long() & _M32) ^ k_col)[None, :]
-    h1 = _mix32(h ^ 0x3C6EF372)
-    h2 = _mix32(h ^ 0x5851F42D)
-    u1 = ((h1 >> 8).float() + 0.5) / 16777216.0  # (0, 1)
-    u2 = (h2 >> 8).float() / 16777216.0  # [0, 1)
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+
+    def __init__(self, key: int, rows: torch.Tensor, cols=None):
+        k_row = _mix32(_mix32(key & _M32) ^ 0x68E31DA4)
+        k_col = _mix32(_mix32((key >> 32) & _M32) ^ 0x1B56C4E9)
+        self._rows = _int32(_mix32((rows.long() & _M32) ^ k_row))[:, None]
+        self._cols = self._rows.new_zeros(1) if cols is None else _int32(_mix32((cols.long() & _M32) ^ k_col))
+        self.shape = torch.Size((self._rows.shape[0], self._cols.shape[0]))
+
+    @staticmethod
+    def _erfinv(h, out=None):
+        """erfinv(u) of the hashes ``h`` (int32, overwritten): N(0, 1/2) draws."""
+        u = _lowbias32(h, torch.empty_like(h)).bitwise_right_shift_(7).bitwise_or_(1)
+        return torch.erfinv(torch.mul(u, 2.0 ** -24), out=out)
+
+    def half_var(self, rows: slice, cols: slice) -> torch.Tensor:
+        """The block ``z[rows, cols] / sqrt(2)`` (N(0, 1/2) draws: the caller's scale absorbs the
+        sqrt(2), one pass less)."""
+        return self._erfinv(torch.bitwise_xor(self._rows[rows], self._cols[cols]))
+
+    def half_var_gather(self, index: torch.Tensor) -> torch.Tensor:
+        """``z[i, index[i, k]] / sqrt(2)``."""
+        return self._erfinv(torch.bitwise_xor(self._rows, self._cols[index]))
+
+    def full(self) -> torch.Tensor:
+        """The whole [B, N] table, computed block by block (in cache on CPU: ``core.blocks``)."""
+        out = torch.empty(self.shape, device=self._rows.device)
+        for r, c in blocks(*self.shape, out.device):
+            self._erfinv(torch.bitwise_xor(self._rows[r], self._cols[c]), out=out[r, c]).mul_(math.sqrt(2.0))
+        return out
+
+
+def keyed_normal(key: int, rows: torch.Tensor, cols=None) -> torch.Tensor:
+    """Standard normal draws that are a pure function of ``(key, row, col)``: the [B, 1] (cols
+    None) or [B, N] table of :class:`KeyedNormal`."""
+    return KeyedNormal(key, rows, cols).full()
+
+
+class _CloudAlpha:
+    """Per-logit alpha = std[row] * z[row, col] (Eq. 7 / 8) over a :class:`KeyedNormal` table, as a
+    block source for ``leap_logits`` (a block is drawn when it is read), or whole (``full``)."""
+
+    def __init__(self, table: KeyedNormal, std: torch.Tensor, cloud: FeatureCloud):
+        self.table, self.std, self.cloud = table, std, cloud
+        self.shape = table.shape
+        self._half_std = std * math.sqrt(2.0)  # z / sqrt(2) * (sqrt(2) std): one pass a block
+
+    def __getitem__(self, index):
+        block = self.table.half_var(*index)
+        return self.cloud.alpha_from_noise(block, self._half_std[index[0]], block.shape[1])
+
+    def gather(self, dim: int, index: torch.Tensor) -> torch.Tensor:
+        if dim != 1:
+            raise ValueError("the alpha of a block source is gathered along columns (dim=1)")
+        return self.cloud.alpha_from_noise(self.table.half_var_gather(index), self._half_std, index.shape[1])
+
+    def full(self) -> torch.Tensor:
+        out = torch.empty(self.shape, device=self.std.device)
+        for r, c in blocks(*self.shape, out.device):
+            out[r, c] = self[r, c]
+        return out
 
 
 def _step_key(seed: int, step: int) -> int:
@@ -160,6 +243,10 @@ class LEAPMarginLoss(nn.Module):
             ``no_grad``, i.e. exactly this; False (default) differentiates Eq. 7 / 8.
         interclass_filtering_threshold: as ``CombinedMarginLoss``: non-target cosines above it
             are zeroed (0 = off).
+        inplace: write the logits into the float32 cosines passed in (overwriting them) and
+            return that tensor, as ``CombinedMarginLoss`` overwrites its input: one [B, C] buffer
+            and its page faults less per step. Not done for a leaf (or a view of one) that
+            requires grad.
 
     Must be constructed after ``torch.distributed`` is initialised (as PartialFC_V2); without a
     process group it is a single-process loss over all classes.
@@ -172,7 +259,8 @@ class LEAPMarginLoss(nn.Module):
                  update_every: int = 5, alpha_per_logit: bool = True, target_only: bool = False,
                  signed_alpha: bool = True, min_angles: int = 2, angle_reference: str = "updated_centre",
                  center_dtype: torch.dtype = torch.float16, seed: int = 0,
-                 straight_through: bool = False, interclass_filtering_threshold: float = 0.0):
+                 straight_through: bool = False, interclass_filtering_threshold: float = 0.0,
+                 inplace: bool = True):
         super().__init__()
         if margin not in MARGINS:
             raise ValueError(f"margin must be one of {MARGINS} (cos: CosFace Eq. 7, arc: ArcFace Eq. 8), "
@@ -207,6 +295,7 @@ class LEAPMarginLoss(nn.Module):
         self.update_every = int(update_every)
         self.seed = int(seed)
         self.straight_through = bool(straight_through)
+        self.inplace = bool(inplace)
         self.interclass_filtering_threshold = float(interclass_filtering_threshold)
         self.cloud = FeatureCloud(version, head_threshold, alpha_per_logit, target_only, signed_alpha, min_angles)
         self.angle_to_weight = angle_reference == "weight"
@@ -405,16 +494,21 @@ class LEAPMarginLoss(nn.Module):
             raise ValueError(f"columns has {columns.numel()} entries for {num_cols} logit columns")
         return columns
 
-    def alpha(self, std: torch.Tensor, step: int, num_logits: int, columns=None, labels=None) -> torch.Tensor:
+    def alpha(self, std: torch.Tensor, step: int, num_logits: int, columns=None, labels=None, lazy=False):
         """alpha ~ N(0, std^2) for the rows of the global batch at ``step`` (``FeatureCloud`` options).
 
         [B, 1] (per sample), [B, len(columns)] (per logit, columns = global class of each column)
         or, with target_only, [B, num_logits] zero but in each row's target column (``labels``).
+        ``lazy``: a per-logit alpha comes back as a block source for ``leap_logits`` (each block
+        drawn where it is used, never held whole) instead of a tensor.
         """
         rows = torch.arange(std.shape[0], device=std.device)
         cols = columns if self.cloud.noise_columns(num_logits) > 1 else None
-        noise = keyed_normal(_step_key(self.seed, step), rows, cols)
-        return self.cloud.alpha_from_noise(noise, std, num_logits, labels)
+        table = KeyedNormal(_step_key(self.seed, step), rows, cols)
+        if cols is None:
+            return self.cloud.alpha_from_noise(table.full(), std, num_logits, labels)
+        alpha = _CloudAlpha(table, std, self.cloud)
+        return alpha if lazy else alpha.full()
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, columns=None) -> torch.Tensor:
         """Scaled margin logits (Eq. 7 / Eq. 8) for PartialFC_V2's distributed cross entropy.
@@ -446,17 +540,19 @@ class LEAPMarginLoss(nn.Module):
                 cols = None
                 if self.cloud.noise_columns(num_logits) > 1:
                     cols = self._columns(num_logits, columns, std.device)
-                alpha = self.alpha(std, step, num_logits, cols, labels.to(std.device)).to(logits.device)
+                alpha = self.alpha(std, step, num_logits, cols, labels.to(std.device),
+                                   lazy=std.device == logits.device)
+                if torch.is_tensor(alpha):
+                    alpha = alpha.to(logits.device)
         with torch.autocast(logits.device.type, enabled=False):
             cosine = logits.float()
             if self.interclass_filtering_threshold > 0:
                 cosine = self._filter(cosine, labels)
-            out = leap_logits(cosine, labels, alpha, margin=self.margin, scale=self.scale,
-                              margin_value=self.margin_value)
-            if self.straight_through:
-                plain = cosine * self.scale
-                out = plain + (out - plain).detach()
-        return out
+            inplace = (self.inplace and cosine.dtype == torch.float32
+                       and (not cosine.requires_grad or (not cosine.is_leaf and cosine._base is None)))
+            return leap_logits(cosine, labels, alpha, margin=self.margin, scale=self.scale,
+                               margin_value=self.margin_value, inplace=inplace,
+                               straight_through=self.straight_through)
 
     def _filter(self, cosine, labels):
         """CombinedMarginLoss's inter-class filtering: zero non-target cosines above the threshold."""

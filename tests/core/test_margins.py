@@ -127,3 +127,19 @@ def test_errors(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         leap_logits(**args)
+
+
+@pytest.mark.parametrize("margin", ["cos", "arc"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_straight_through_keeps_values_and_passes_s(margin, inplace):
+    """straight_through: Eq. 7 / 8 values, d logits / d cosine = s (arcface_torch's no_grad margin)."""
+    cosine, labels, gen = _inputs(5)
+    alpha = torch.randn(cosine.shape, generator=gen) * 0.5
+    weights = torch.randn(cosine.shape, generator=gen)
+    x = cosine.clone().requires_grad_()
+    got = leap_logits(x * 1.0, labels, alpha, margin, scale=12.0, margin_value=0.3, inplace=inplace,
+                      straight_through=True)
+    (got * weights).sum().backward()
+    torch.testing.assert_close(got.detach().double(), reference(cosine, labels, alpha, margin, 12.0, 0.3),
+                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(x.grad, 12.0 * weights)

@@ -12,6 +12,7 @@ from collections import Counter
 import pytest
 import torch
 
+import leap_plugin.core.blocks as tiles
 from leap_plugin.core import AngularStats, FeatureCloud, leap_logits
 
 SLACK = 16  # events a size-dependent branch may add; a loop adds >= 500 (B) or >= 9,990 (C)
@@ -107,7 +108,10 @@ def test_sample_has_no_loop(cloud):
 
 @pytest.mark.parametrize("margin", ["cos", "arc"])
 @pytest.mark.parametrize("per_logit", [True, False])
-def test_leap_logits_forward_backward_has_no_loop(margin, per_logit):
+def test_leap_logits_forward_backward_has_no_loop(margin, per_logit, monkeypatch):
+    # the CPU's cache tiles (core.blocks: one iteration per ~32k logits) are switched off here,
+    # so that a loop over samples or classes stands out
+    monkeypatch.setattr(tiles, "BLOCK_ELEMENTS", 1 << 40)
     _assert_flat(_logits(8, 50, margin, per_logit), _logits(512, 50, margin, per_logit),
                  "leap_logits + backward, B = 8 vs 512")
     _assert_flat(_logits(16, 10, margin, per_logit), _logits(16, 10_000, margin, per_logit),

@@ -206,7 +206,7 @@ def test_autocast_and_half_inputs():
     emb = torch.randn(6, 4)
     state = copy.deepcopy(loss.state_dict())  # state_dict() shares the buffers' storage
     loss.observe(emb, lab)
-    full = loss(cosine, lab[:, None])
+    full = loss(cosine.clone(), lab[:, None])  # the loss overwrites its input (inplace), as the host
     loss.load_state_dict(state)
     loss.observe(emb.half(), lab)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -255,6 +255,105 @@ def test_keyed_normal_is_standard_normal_and_shardable():
     # rows of one step are not correlated with each other
     corr = np.corrcoef(z[:50].numpy())
     assert np.abs(corr[np.triu_indices(50, 1)]).max() < 0.2
+
+
+def _keyed_normal_reference(key, rows, cols):
+    """The keyed draw written independently: numpy uint32 arithmetic, scipy's float64 erfinv."""
+    from scipy.special import erfinv
+
+    def mix32(x):  # the 2-round multiply-xorshift of the row / column / key hashes, in uint64
+        x = np.uint64(x) if np.isscalar(x) else np.asarray(x, dtype=np.uint64)
+        for _ in range(2):
+            x = ((x >> np.uint64(16)) ^ x) * np.uint64(0x45D9F3B) & np.uint64(0xFFFFFFFF)
+        return (x >> np.uint64(16)) ^ x
+
+    k_row = mix32(mix32(key & 0xFFFFFFFF) ^ np.uint64(0x68E31DA4))
+    k_col = mix32(mix32(key >> 32) ^ np.uint64(0x1B56C4E9))
+    rows, cols = (np.asarray(x, dtype=np.uint64) & np.uint64(0xFFFFFFFF) for x in (rows, cols))
+    h = (mix32(rows ^ k_row)[:, None] ^ mix32(cols ^ k_col)[None, :]).astype(np.uint32)
+    with np.errstate(over="ignore"):
+        for shift, mult in ((16, 0x7FEB352D), (15, 0x846CA68B)):  # lowbias32
+            h = (h ^ (h >> np.uint32(shift))) * np.uint32(mult)
+        h = h ^ (h >> np.uint32(16))
+    odd = (h.view(np.int32).astype(np.int64) >> 7) | 1  # top 24 bits as an odd integer
+    return math.sqrt(2.0) * erfinv(odd * 2.0 ** -24)
+
+
+def test_keyed_normal_equals_independent_reference():
+    rows, cols = np.arange(40) * 7 + 3, np.array([0, 1, 2, 99_999, 2 ** 31 + 5, 123_456_789])
+    for key in (0, 123, 2 ** 40 + 17):
+        got = keyed_normal(key, torch.from_numpy(rows), torch.from_numpy(cols)).double().numpy()
+        np.testing.assert_allclose(got, _keyed_normal_reference(key, rows, cols), rtol=2e-6, atol=2e-6)
+
+
+def test_keyed_normal_distribution_and_independence():
+    from scipy import stats
+
+    z = keyed_normal(2 ** 33 + 9, torch.arange(1000), torch.arange(1000)).double()
+    n = z.numel()  # 10^6 draws: standard errors 0.001 (mean), 0.0007 (std), 0.001 (correlations)
+    assert abs(float(z.mean())) < 0.005 and abs(float(z.std()) - 1) < 0.0035
+    assert stats.kstest(z.flatten().numpy(), "norm").pvalue > 1e-3
+    assert abs(float((z.abs() > 3).double().mean()) - 2 * stats.norm.sf(3)) < 5 * math.sqrt(0.0027 / n)
+    assert float(z.abs().max()) > 4.5  # tails as far as 10^6 normal draws go
+    other = keyed_normal(2 ** 33 + 10, torch.arange(1000), torch.arange(1000)).double()
+    for a, b in ((z[:, 1:], z[:, :-1]), (z[1:], z[:-1]), (z, other), (z[1:, 1:], z[:-1, :-1]), (z, z.t())):
+        corr = float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
+        assert abs(corr) < 0.005, corr
+
+
+def test_lazy_blocked_alpha_equals_whole_alpha(monkeypatch):
+    """The alpha that forward draws block by block is the alpha() table, and the logits and their
+    gradient do not depend on the block size or on writing the logits in place."""
+    import leap_plugin.core.blocks as tiles
+
+    loss = _loss("arc", seed=11).train()
+    lab = torch.tensor([0, 0, 3, 3, 4, 4, 1, 1])
+    for _ in range(2):
+        loss.observe(torch.randn(8, 4), lab)
+        loss(torch.zeros(8, 9), lab)
+    state = copy.deepcopy(loss.state_dict())
+    cosine, _ = _inputs(5, rows=8)
+    labels = lab.clone()
+    labels[::3] = -1
+    results = []
+    for elements, inplace in ((1 << 30, False), (4, False), (4, True), (3, True)):
+        monkeypatch.setattr(tiles, "BLOCK_ELEMENTS", elements)
+        loss.load_state_dict(state)
+        loss.step, loss.inplace = 2, inplace
+        loss.observe(torch.ones(8, 4), lab)
+        std = loss._pending[2]
+        x = cosine.clone().requires_grad_()
+        given = x * 1.0
+        out = loss(given, labels[:, None])
+        assert (out.data_ptr() == given.data_ptr()) == inplace
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+        alpha = loss.alpha(std, 2, 9, torch.arange(9))
+        lazy = loss.alpha(std, 2, 9, torch.arange(9), lazy=True)
+        blocks = torch.cat([torch.cat([lazy[r, c] for c in (slice(0, 4), slice(4, 9))], 1)
+                            for r in (slice(0, 5), slice(5, 8))])
+        assert torch.equal(blocks, alpha) and torch.equal(lazy.gather(1, labels.clamp(min=0)[:, None]),
+                                                          alpha.gather(1, labels.clamp(min=0)[:, None]))
+        results.append((out.detach(), x.grad, alpha))
+    assert (results[0][2] != 0).any()
+    expected = _reference(cosine, labels[:, None], "arc", ARC_M, results[0][2])
+    np.testing.assert_allclose(results[0][0].numpy(), expected, rtol=1e-4, atol=2e-3)
+    for out, grad, alpha in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(grad, results[0][1])
+        assert torch.equal(alpha, results[0][2])
+
+
+def test_inplace_overwrites_only_what_it_may():
+    cosine, labels = _inputs(6)
+    ours = _loss("cos").eval()
+    given = cosine.clone()
+    out = ours(given, labels)
+    assert out.data_ptr() == given.data_ptr()  # as CombinedMarginLoss: the input holds the logits
+    leaf = cosine.clone().requires_grad_()
+    out = ours(leaf, labels)
+    assert out.data_ptr() != leaf.data_ptr() and torch.equal(leaf.detach(), cosine)
+    kept = cosine.clone()
+    out = _loss("cos", inplace=False).eval()(kept, labels)
+    assert torch.equal(kept, cosine) and torch.equal(out, ours(cosine.clone(), labels))
 
 
 def test_errors_say_what_is_wrong():
