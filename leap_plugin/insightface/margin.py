@@ -55,7 +55,7 @@ from ..core import AngularStats, FeatureCloud, leap_logits
 from ..core.blocks import blocks
 from ..core.margins import MARGINS
 from ..core.integrity import load_checked
-from ..core.stats import ANGLE_REFERENCES, CENTER_RATE_WEIGHTS
+from ..core.stats import ANGLE_REFERENCES
 
 __all__ = ["LEAPMarginLoss", "KeyedNormal", "keyed_normal", "class_block"]
 
@@ -232,8 +232,10 @@ class LEAPMarginLoss(nn.Module):
         signed_alpha: alpha ~ N(0, s^2) as the paper (True) or |alpha| (False).
         min_angles: angles a class needs in memory before its variance is trusted (>= 2).
         angle_reference: Eq. 3's angles to the EMA feature centre after this update's Eq. 4,
-            "updated_centre" (also "centre"), or before it, "previous_centre"; or "weight" (angles to
-            the class's FC weight row W_y; needs ``attach``).
+            "updated_centre" (also "centre"), or before it, "previous_centre" (default: the reading
+            that matches the true variance under uniform batches with ``update_every``,
+            tests/core/test_stats_truth.py); or "weight" (angles to the class's FC weight row W_y;
+            needs ``attach``).
         center_dtype: storage of the centres (a torch dtype or its name): float16 (default: half
             the bytes of the FC weight block; Eq. 4 is still computed in float32), bfloat16 or
             float32.
@@ -257,7 +259,7 @@ class LEAPMarginLoss(nn.Module):
                  memory_factor: int = 1, center_rate: float = 0.1, center_rate_weights: str = "batch_mean",
                  start_epoch: int = 0,
                  update_every: int = 5, alpha_per_logit: bool = True, target_only: bool = False,
-                 signed_alpha: bool = True, min_angles: int = 2, angle_reference: str = "updated_centre",
+                 signed_alpha: bool = True, min_angles: int = 2, angle_reference: str = "previous_centre",
                  center_dtype: torch.dtype = torch.float16, seed: int = 0,
                  straight_through: bool = False, interclass_filtering_threshold: float = 0.0,
                  inplace: bool = True):
@@ -276,9 +278,6 @@ class LEAPMarginLoss(nn.Module):
         if angle_reference not in ANGLE_REFERENCES:
             raise ValueError(f"angle_reference must be one of {ANGLE_REFERENCES} (Eq. 3: the EMA centre, "
                              f"or W_y), got {angle_reference!r}")
-        if center_rate_weights not in CENTER_RATE_WEIGHTS:
-            raise ValueError(f"center_rate_weights (which term of Eq. 4 gamma weighs) must be one of "
-                             f"{CENTER_RATE_WEIGHTS}, got {center_rate_weights!r}")
         if not 0.0 <= float(interclass_filtering_threshold) <= 1.0:
             raise ValueError(f"interclass_filtering_threshold must lie in [0, 1] (0 = off), "
                              f"got {interclass_filtering_threshold}")

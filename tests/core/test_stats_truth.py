@@ -19,18 +19,26 @@ and face configs; 2048: the paper's re-ID configs), fed through
 A reading passes when the mean measured variance of the head classes and of the tail classes
 are each within [0.7, 1.4] of the truth, and the measured head/tail ratio within [0.75, 1.33]
 of the true ratio (equal true spread -> equal measured variance, whatever K_i). Measured here
-(test_readings_against_the_truth states it): Eq. 4 as printed (gamma weighs the previous centre)
-fails under the identity sampler at both dimensions (the head/tail order of the variances comes
-out reversed or flat), because with gamma = 0.1 the centre is mostly the batch's own mean; gamma
-on the batch mean passes everywhere, with the angles to the updated or to the previous centre.
+(test_readings_against_the_truth states it, with repeated rows counted once): angles to the
+centre before the update with gamma on the previous centre fail everywhere (the centre is mostly
+the batch's own mean, the previous one a stale batch); Eq. 4 as printed with angles to the
+updated centre passes the identity sampler and uniform batches at 2048 but fails uniform batches
+at 512 (tails 0.67 of the truth); gamma on the batch mean with angles to the updated centre
+fails only uniform batches at 512 (head/tail 1.39x the true ratio); gamma on the batch mean with
+angles to the previous centre passes all four. Defaults: FastReID (identity sampler) gamma on
+the batch mean, angles to the updated centre (chosen on validation, docs/choices.md); the face
+loss (uniform batches) angles to the previous centre.
 """
 import pytest
 import torch
 
 from leap_plugin.core import AngularStats
 
-fastreid = pytest.importorskip("leap_plugin.fastreid", reason="FastReID (the identity sampler) is not installed")
+pytest.importorskip("leap_plugin.fastreid", reason="FastReID (the identity sampler) is not installed")
+from fastreid.config import get_cfg  # noqa: E402
 from fastreid.data.samplers import NaiveIdentitySampler  # noqa: E402
+
+from leap_plugin.fastreid.config import add_leap_config  # noqa: E402
 
 COUNTS = [20] * 20 + [3] * 82
 HEAD = torch.tensor(COUNTS) > 3
@@ -92,9 +100,9 @@ READINGS = [("previous_centre", "updated_centre"), ("previous_centre", "previous
             ("batch_mean", "updated_centre"), ("batch_mean", "previous_centre")]
 # (weights, angles_to) -> passes, per (sampler, dim)
 EXPECTED = {
-    ("identity", 512): [False, False, True, True],
-    ("identity", 2048): [False, False, True, True],
-    ("uniform", 512): [True, False, True, True],
+    ("identity", 512): [True, False, True, True],
+    ("identity", 2048): [True, False, True, True],
+    ("uniform", 512): [False, False, False, True],
     ("uniform", 2048): [True, False, True, True],
 }
 
@@ -115,6 +123,20 @@ def test_readings_against_the_truth(sampler, dim):
 
 
 def test_the_defaults_pass():
-    """AngularStats' own defaults and the ones the shipped configs build are a passing reading."""
+    """The readings the shipped defaults build pass where they are used: AngularStats' own and
+    FastReID's (``LEAPHead``, identity sampler, D 512 and 2048) and the face loss's
+    (``LEAPMarginLoss``, uniform batches, D 512)."""
+    from leap_plugin.insightface import LEAPMarginLoss
+
+    def passing(setting):
+        return [r for r, ok in zip(READINGS, EXPECTED[setting]) if ok]
+
     stats = AngularStats(torch.tensor([2]), 4)
-    assert (stats.center_rate_weights, stats.angles_to) in [r for r, ok in zip(READINGS, EXPECTED["identity", 512]) if ok]
+    cfg = add_leap_config(get_cfg())
+    fastreid_reading = (cfg.MODEL.HEADS.LEAP.CENTER_RATE_WEIGHTS,
+                        {"centre": "updated_centre"}.get(cfg.MODEL.HEADS.LEAP.ANGLE_REFERENCE,
+                                                         cfg.MODEL.HEADS.LEAP.ANGLE_REFERENCE))
+    for reading in ((stats.center_rate_weights, stats.angles_to), fastreid_reading):
+        assert reading in passing(("identity", 512)) and reading in passing(("identity", 2048))
+    face = LEAPMarginLoss(torch.tensor([3, 3]), 4).stats
+    assert (face.center_rate_weights, face.angles_to) in passing(("uniform", 512))
