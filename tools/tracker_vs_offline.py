@@ -58,14 +58,15 @@ def main():
               f"{r[:, 1].mean():.2f} ({', '.join(f'{x:.2f}' for x in r[:, 1])}) | {(r[:, 0] / r[:, 1]).mean():.2f} |")
     fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 4), squeeze=False)
     for ax, (name, (_, points)) in zip(axes[0], rows.items()):
-        for offline, tracked, head in points:
-            ax.scatter(offline[head], tracked[head], s=8, c="tab:red", alpha=0.6)
-            ax.scatter(offline[~head], tracked[~head], s=8, c="tab:green", alpha=0.6)
+        for seed, (offline, tracked, head) in enumerate(points):
+            ax.scatter(offline[head], tracked[head], s=8, c="tab:red", alpha=0.6, label=None if seed else "head")
+            ax.scatter(offline[~head], tracked[~head], s=8, c="tab:green", alpha=0.6,
+                       label=None if seed else "tail")
         top = max(np.nanmax(p[0]) for p in points) * 1.1
-        ax.plot([0, top], [0, top], "k--", lw=0.8)
+        ax.plot([0, top], [0, top], "k--", lw=0.8, label="y = x")
         ax.set(title=name.replace("_", " "), xlabel="offline sigma_i^2 (all features, rad^2)",
                ylabel="tracker sigma_i^2 at the end (rad^2)")
-    axes[0][0].legend(["head", "tail", "y = x"], loc="upper left")
+    axes[0][0].legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
