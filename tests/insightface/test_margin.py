@@ -81,6 +81,7 @@ def _loss(margin="cos", classes=9, **kw):
     m = COS_M if margin == "cos" else ARC_M
     counts = torch.tensor([40, 30, 20, 5, 5, 4, 3, 5, 2, 6, 7, 8][:classes])
     kw.setdefault("update_every", 1)
+    kw.setdefault("angle_reference", "updated_centre")  # every observed sample stores an angle
     return LEAPMarginLoss(counts, 4, margin=margin, scale=S, margin_value=m, **kw)
 
 

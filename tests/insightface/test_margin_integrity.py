@@ -49,7 +49,8 @@ def test_reset_stats_resumes_the_model_with_fresh_statistics(arcface, saved):
     tool = _tool()
     session = tool.Session()
     session.cfg = edict(num_classes=len(COUNTS), embedding_size=8, rec="",
-                        leap=dict(class_counts=COUNTS, memory_factor=2, update_every=1, reset_stats=True))
+                        leap=dict(class_counts=COUNTS, memory_factor=2, update_every=1, reset_stats=True,
+                                  angle_reference="updated_centre"))
     loss = session.build_loss(64.0, (1.0, 0.0, 0.35))
     assert loss.reset_stats
     pfc = _load(arcface, "partial_fc_v2").PartialFC_V2(loss, 8, len(COUNTS), 1.0, False).train()

@@ -77,7 +77,8 @@ def _batch(step, classes=9, dim=8, batch=12):
 def _make(arcface, sample_rate):
     pfc_module = _load(arcface, "partial_fc_v2")
     loss = LEAPMarginLoss(torch.tensor([40, 30, 20, 5, 5, 5, 4, 5, 3]), 8, margin="cos", margin_value=0.35,
-                          version="vanilla", head_threshold=5, update_every=2, start_epoch=1, seed=9)
+                          version="vanilla", head_threshold=5, update_every=2, start_epoch=1, seed=9,
+                          angle_reference="updated_centre")  # every observed sample stores an angle
     pfc = pfc_module.PartialFC_V2(loss, 8, 9, sample_rate, False).train()
     loss.attach(pfc)
     return pfc, loss
@@ -202,7 +203,11 @@ def test_tool_wires_leap_into_the_hosts_modules(host_modules, world1, tmp_path):
     module_partial_fc.train()
     emb, labels = _batch(0, classes=6)
     module_partial_fc(emb.requires_grad_(), labels).backward()
-    assert int(margin_loss.stats.num_written.sum()) == 12
+    # the face configs measure angles to the centre before the update: a first sighting sets the
+    # centres of the batch's classes and stores no angle
+    seen = labels.unique()
+    assert int(margin_loss.stats.num_written.sum()) == 0 and margin_loss.stats.angles_to == "previous_centre"
+    assert (margin_loss.stats.centers[seen].float().norm(dim=1) > 0).all()
 
     # the epoch reaches the loss through the sampler's set_epoch (train_v2 calls it every epoch)
     from utils.utils_distributed_sampler import DistributedSampler
