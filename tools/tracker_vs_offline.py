@@ -18,16 +18,22 @@ import matplotlib
 import numpy as np
 import torch
 
+from leap_plugin.core import AngularStats
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
 def tracker_var(checkpoint):
-    """[C] sigma_i^2 of LEAPHead's angle memory in ``checkpoint`` (NaN below 2 angles)."""
-    sd = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
-    n = torch.minimum(sd["heads.stats.num_written"], sd["heads.stats.class_counts"]).double()  # P = 1
-    s, sq = sd["heads.stats.angle_sum"], sd["heads.stats.angle_sq_sum"]
-    return torch.where(n >= 2, (sq - s.square() / n) / (n - 1), torch.full_like(s, float("nan"))).numpy()
+    """[C] sigma_i^2 (``AngularStats.var``) of LEAPHead's statistics in ``checkpoint``."""
+    prefix = "heads.stats."
+    state = {k[len(prefix):]: v for k, v in
+             torch.load(checkpoint, map_location="cpu", weights_only=False)["model"].items() if k.startswith(prefix)}
+    counts = state["class_counts"]
+    memory_factor = (state["memory"].numel() - 1) // int(counts.sum())  # Eq. 5: sum K_i * P slots + scratch
+    stats = AngularStats(counts, state["centers"].shape[1], memory_factor, center_dtype=state["centers"].dtype)
+    stats.load_state_dict(state)
+    return stats.var.numpy()
 
 
 def main():

@@ -28,7 +28,8 @@ from torch import nn
 
 from . import integrity
 
-__all__ = ["AngularStats", "CENTER_DTYPES", "ANGLE_REFERENCES", "CENTER_RATE_WEIGHTS", "ANGLES_TO"]
+__all__ = ["AngularStats", "CENTER_DTYPES", "ANGLE_REFERENCES", "CENTER_RATE_WEIGHTS", "ANGLES_TO",
+           "angles_to_of"]
 
 CENTER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Eq. 4's two readings: what gamma weighs (the other term gets 1 - gamma)
@@ -38,6 +39,12 @@ ANGLES_TO = ("updated_centre", "previous_centre")
 # the adapters' option: the EMA centre (one of ANGLES_TO; "centre" = "updated_centre", the
 # original name) or the classifier weight W_y (``update(..., reference=)``)
 ANGLE_REFERENCES = ("centre", *ANGLES_TO, "weight")
+
+
+def angles_to_of(angle_reference: str) -> str:
+    """The ``angles_to`` of AngularStats that an adapter's ``angle_reference`` option means (for
+    "weight" the centres are still tracked, updated as "updated_centre")."""
+    return "previous_centre" if angle_reference == "previous_centre" else "updated_centre"
 
 
 def require(ok: torch.Tensor, message) -> None:
@@ -259,7 +266,8 @@ class AngularStats(nn.Module):
 
         Returns:
             [B] float32 angles between each feature and its class centre (or reference; NaN for -1
-            and, with ``angles_to="previous_centre"``, for a class's first sighting). Under data-parallel sync, the angles of this rank's samples only.
+            and, with ``angles_to="previous_centre"``, for a class's first sighting). Under
+            data-parallel sync, the angles of this rank's samples only.
         """
         _check_features(features, labels, self.feat_dim)
         check_labels(labels, self.num_classes)

@@ -14,6 +14,7 @@ from fastreid.modeling.heads.build import REID_HEADS_REGISTRY
 
 from ..core import AngularStats, FeatureCloud, leap_logits
 from ..core.integrity import load_checked
+from ..core.stats import angles_to_of
 from .config import ANGLE_REFERENCES, CENTER_DTYPES, CENTER_RATE_WEIGHTS, CLS_LAYER_MARGINS
 
 __all__ = ["LEAPHead", "find_leap_head"]
@@ -35,7 +36,7 @@ class LEAPHead(EmbeddingHead):
         self.memory_factor, self.center_rate = memory_factor, center_rate
         self.center_rate_weights = center_rate_weights
         self.angle_to_weight = angle_reference == "weight"
-        self.angles_to = "previous_centre" if angle_reference == "previous_centre" else "updated_centre"
+        self.angles_to = angles_to_of(angle_reference)
         self.center_dtype = getattr(torch, center_dtype)
         self.start_epoch = start_epoch
         self.epoch = 0

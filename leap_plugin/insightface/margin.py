@@ -55,7 +55,7 @@ from ..core import AngularStats, FeatureCloud, leap_logits
 from ..core.blocks import blocks
 from ..core.margins import MARGINS
 from ..core.integrity import load_checked
-from ..core.stats import ANGLE_REFERENCES
+from ..core.stats import ANGLE_REFERENCES, angles_to_of
 
 __all__ = ["LEAPMarginLoss", "KeyedNormal", "keyed_normal", "class_block"]
 
@@ -312,8 +312,7 @@ class LEAPMarginLoss(nn.Module):
         self.stats = AngularStats(block, self.embedding_size, memory_factor=memory_factor,
                                   center_rate=center_rate, sync=False, center_dtype=center_dtype,
                                   center_rate_weights=center_rate_weights,
-                                  angles_to="previous_centre" if angle_reference == "previous_centre"
-                                  else "updated_centre")
+                                  angles_to=angles_to_of(angle_reference))
         self.num_classes = num_classes
         self.step = 0
         self.epoch = 0

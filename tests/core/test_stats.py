@@ -166,7 +166,9 @@ def test_16bit_centres_track_the_float32_statistics(dtype, weights):
     assert ((low.centers.float() - ref.centers).norm(dim=1) / ref.centers.norm(dim=1)).max() < ulp * max(1, 0.5 / w)
     # |d var| <~ 2 sigma |d angle|: within a few roundings of the storage, for every class
     assert (low.var - ref.var).abs().max() < 4 * ulp * ref.var.max().sqrt()
-    assert (ref.var > 5e-4).float().mean() > 0.5  # the variances compared are real ones
+    # the variances compared are real ones (gamma on the batch mean measures the isotropic 128-d
+    # noise's nearly equal angles: ~0.002 rad^2; Eq. 4 as printed, angles to batch-mates: > 0.02)
+    assert (ref.var > (0.02 if weights == "previous_centre" else 5e-4)).float().mean() > 0.5
 
 
 def test_angles_to_a_given_reference_instead_of_the_centre():
