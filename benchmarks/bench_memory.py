@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine_info  # noqa: E402
 
 from leap_plugin.core import AngularStats  # noqa: E402
-from leap_plugin.insightface.margin import LEAPMarginLoss, class_block  # noqa: E402
+from leap_plugin.insightface.loss import LEAPMarginLoss, class_block  # noqa: E402
 
 STATS_BUFFERS = {"class_counts", "memory_size", "memory_offset", "centers", "memory", "num_written",
                  "angle_sum", "angle_sq_sum"}

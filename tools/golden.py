@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def stats_outputs(out):
     from leap_plugin.core import AngularStats
-    for weights in ("batch_mean", "previous_centre"):
-        for angles_to in ("updated_centre", "previous_centre"):
+    for weights in ("batch_mean", "previous_center"):
+        for angles_to in ("updated_center", "previous_center"):
             for use_ref in (False, True):
                 gen = torch.Generator().manual_seed(1)
                 counts = torch.randint(1, 9, (23,), generator=gen)
@@ -89,7 +89,7 @@ def logits_outputs(out):
 
 
 def keyed_outputs(out):
-    from leap_plugin.insightface import keyed_normal
+    from leap_plugin.core.noise import keyed_normal
     out["keyed/table"] = keyed_normal(12345, torch.arange(7), torch.arange(100, 140))
     out["keyed/column"] = keyed_normal(2 ** 40 + 7, torch.arange(3, 11))
 
@@ -114,7 +114,7 @@ def face_outputs(out, insightface_root):
              "af_weight": dict(margin_list=(1.0, 0.5, 0.0), angle_reference="weight", update_every=1),
              "cf_sampled": dict(margin_list=(1.0, 0.0, 0.35), sample_rate=0.5, update_every=2),
              "cf_target_unsigned": dict(margin_list=(1.0, 0.0, 0.35), target_only=True, signed_alpha=False,
-                                        alpha_per_logit=False, angle_reference="updated_centre",
+                                        alpha_per_logit=False, angle_reference="updated_center",
                                         center_dtype="float32")}
     for name, options in cases.items():
         options = dict(options)

@@ -168,7 +168,6 @@ class Session:
         cfg = self.cfg
         options = dict(cfg.leap)
         counts = options.pop("class_counts", None)
-        reset_stats = bool(options.pop("reset_stats", False))
         rec = Path(str(cfg.get("rec") or ""))
         if counts is not None:
             counts = read_class_counts(counts, cfg.num_classes)
@@ -188,14 +187,13 @@ class Session:
         loss = LEAPMarginLoss.from_margin_list(margin_list, scale, counts, cfg.embedding_size,
                                                interclass_filtering_threshold=interclass_filtering_threshold,
                                                **options)
-        loss.reset_stats = reset_stats  # resume: the checkpoint's statistics are replaced by fresh ones
-        if loss.start_epoch >= int(cfg.get("num_epoch") or 0) > 0:
+        if loss.leap.options.start_epoch >= int(cfg.get("num_epoch") or 0) > 0:
             logging.warning("LEAP: config.leap['start_epoch'] %d >= config.num_epoch %d: the feature cloud "
-                            "never switches on", loss.start_epoch, cfg.num_epoch)
-        never = loss.cloud.never_on_reason(counts)
+                            "never switches on", loss.leap.options.start_epoch, cfg.num_epoch)
+        never = loss.leap.cloud.never_on_reason(counts)
         if never:
             logging.warning("LEAP: config.leap['head_threshold']: %s", never)
-        if reset_stats:
+        if loss.leap.options.reset_stats:
             logging.warning("LEAP: config.leap['reset_stats']: the angular statistics start afresh")
         self.losses.append(weakref.ref(loss))
         return loss

@@ -79,7 +79,7 @@ def face_config(subset: str, margin: str, leap: bool):
             target_only=False,  # Eq. 7 / 8: alpha on every logit
             signed_alpha=True,  # alpha ~ N(0, s^2)
             min_angles=2,  # angles before a class's variance counts (ours: the least a variance needs)
-            angle_reference="previous_centre",  # Eq. 3: angles to the EMA centre before this update
+            angle_reference="previous_center",  # Eq. 3: angles to the EMA centre before this update
             center_dtype="float16",  # centres stored in 16 bits: statistics < the FC weight per rank
             # arcface_torch's ArcFace passes the gradient straight through the margin: keep that so
             # that LEAP-AV differs from the ArcFace baseline by the cloud only

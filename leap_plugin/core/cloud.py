@@ -15,11 +15,10 @@ import math
 
 import torch
 
+from .options import check_head_threshold, check_option
 from .stats import AngularStats, check_labels
 
 __all__ = ["FeatureCloud"]
-
-VERSIONS = ("full", "vanilla")
 
 
 class FeatureCloud:
@@ -42,22 +41,13 @@ class FeatureCloud:
 
     def __init__(self, version: str = "full", head_threshold=None, alpha_per_logit: bool = True,
                  target_only: bool = False, signed: bool = True, min_angles: int = 2):
-        if version not in VERSIONS:
-            raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
-        if version == "vanilla":
-            if head_threshold is None:
-                raise ValueError("head_threshold (T) is required for version='vanilla': a class with "
-                                 "more than T images is a head class (paper Section 3.4)")
-            if int(head_threshold) != head_threshold or head_threshold < 0:
-                raise ValueError(f"head_threshold must be a non-negative integer, got {head_threshold}")
-        if int(min_angles) != min_angles or min_angles < 2:
-            raise ValueError(f"min_angles must be an integer >= 2 (a variance needs 2 angles), got {min_angles}")
-        self.version = version
-        self.head_threshold = None if head_threshold is None else int(head_threshold)
+        self.version = check_option("version", version)
+        self.head_threshold = check_option("head_threshold", head_threshold)
+        check_head_threshold(self.version, self.head_threshold)
+        self.min_angles = check_option("min_angles", min_angles)
         self.alpha_per_logit = bool(alpha_per_logit)
         self.target_only = bool(target_only)
         self.signed = bool(signed)
-        self.min_angles = int(min_angles)
 
     def __repr__(self):
         return (f"FeatureCloud(version={self.version!r}, head_threshold={self.head_threshold}, "

@@ -25,12 +25,23 @@ from torch.autograd.function import once_differentiable
 from .blocks import blocks
 from .stats import check_labels, require, values_in
 
-__all__ = ["leap_logits", "MARGINS"]
+__all__ = ["leap_logits", "check_margin", "MARGINS"]
 
 MARGINS = ("cos", "arc")
 _TINY = 1e-12  # floor of sin^2(theta): keeps d sin / d cos finite at cos = +-1
 _BELOW_PI = 3.141592502593994  # the float32 just below pi (sin of it is > 0)
 _COS_SLACK = 1e-2  # |cos| beyond 1 that rounding (16-bit matmuls) may give; more is not a cosine
+
+
+def check_margin(margin: str, scale: float, margin_value: float) -> None:
+    """Raise a ValueError unless (margin, s, m) define Eq. 7 ("cos") or Eq. 8 ("arc")."""
+    if margin not in MARGINS:
+        raise ValueError(f"margin must be one of {MARGINS} (cos: CosFace Eq. 7, arc: ArcFace Eq. 8), "
+                         f"got {margin!r}")
+    if not float(scale) > 0:
+        raise ValueError(f"scale (s) must be > 0, got {scale}")
+    if not 0.0 <= float(margin_value) < math.pi:
+        raise ValueError(f"margin_value (m) must lie in [0, pi), got {margin_value}")
 
 
 def shifted_cos(cosine, shift, scale=1.0, grad_cosine=False, grad_shift=False):
@@ -182,9 +193,7 @@ def leap_logits(cosine: torch.Tensor, labels: torch.Tensor, alpha=None, margin: 
     Returns:
         [B, C] float32 logits s * (...), differentiable w.r.t. ``cosine``.
     """
-    if margin not in MARGINS:
-        raise ValueError(f"margin must be one of {MARGINS} (cos: CosFace Eq. 7, arc: ArcFace Eq. 8), "
-                         f"got {margin!r}")
+    check_margin(margin, scale, margin_value)
     if cosine.dim() != 2:
         raise ValueError(f"cosine must have shape [B, C], got {tuple(cosine.shape)}")
     if labels.dim() != 1 or labels.shape[0] != cosine.shape[0]:

@@ -27,24 +27,9 @@ import torch.distributed as dist
 from torch import nn
 
 from . import integrity
+from .options import ANGLE_REFERENCES, ANGLES_TO, CENTER_DTYPES, CENTER_RATE_WEIGHTS, canonical, check_option  # noqa: F401
 
-__all__ = ["AngularStats", "CENTER_DTYPES", "ANGLE_REFERENCES", "CENTER_RATE_WEIGHTS", "ANGLES_TO",
-           "angles_to_of"]
-
-CENTER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Eq. 4's two readings: what gamma weighs (the other term gets 1 - gamma)
-CENTER_RATE_WEIGHTS = ("previous_centre", "batch_mean")
-# Eq. 3's centre: after this batch's Eq. 4 update, or before it (this batch's features not in it)
-ANGLES_TO = ("updated_centre", "previous_centre")
-# the adapters' option: the EMA centre (one of ANGLES_TO; "centre" = "updated_centre", the
-# original name) or the classifier weight W_y (``update(..., reference=)``)
-ANGLE_REFERENCES = ("centre", *ANGLES_TO, "weight")
-
-
-def angles_to_of(angle_reference: str) -> str:
-    """The ``angles_to`` of AngularStats that an adapter's ``angle_reference`` option means (for
-    "weight" the centres are still tracked, updated as "updated_centre")."""
-    return "previous_centre" if angle_reference == "previous_centre" else "updated_centre"
+__all__ = ["AngularStats", "check_class_counts", "CENTER_DTYPES", "ANGLE_REFERENCES", "CENTER_RATE_WEIGHTS", "ANGLES_TO"]
 
 
 def require(ok: torch.Tensor, message) -> None:
@@ -75,6 +60,20 @@ def check_labels(labels: torch.Tensor, num_classes: int, name: str = "labels") -
     if labels.numel():
         require((labels >= -1).all() & (labels < num_classes).all(),
                 lambda: f"{name} must lie in [0, {num_classes}) or be -1 (ignored){values_in(labels)}")
+
+
+def check_class_counts(class_counts, what: str = "") -> torch.Tensor:
+    """K_i as a LongTensor [C], or a ValueError: a non-empty 1-D integer tensor, every K_i >= 1.
+    ``what``: more about where the counts come from, for the message."""
+    counts = torch.as_tensor(class_counts)
+    if counts.dim() != 1 or counts.numel() == 0 or counts.dtype.is_floating_point or counts.dtype == torch.bool:
+        raise ValueError(f"class_counts must be a non-empty 1-D integer tensor of K_i{' ' + what if what else ''}, "
+                         f"got dtype {counts.dtype} and shape {tuple(counts.shape)}")
+    if (counts <= 0).any():
+        bad = torch.nonzero(counts <= 0).flatten()[:5].tolist()
+        raise ValueError(f"class_counts must be positive (every class needs >= 1 image); "
+                         f"classes {bad} have count <= 0")
+    return counts.long()
 
 
 def unit_angle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -131,6 +130,45 @@ def _check_features(features: torch.Tensor, labels: torch.Tensor, feat_dim: int)
                                      + ("" if zero.is_cuda else f"; rows {torch.nonzero(zero)[:5, 0].tolist()}"))
 
 
+class _ClassGroups:
+    """A batch grouped by class without a dynamic shape (sort, then one group per run of a class).
+
+    [B] tensors: ``valid`` (label >= 0), ``safe`` (label, -1 -> 0), ``group`` (the group of each
+    row), ``position`` (the row's place within its class in the batch, in batch order),
+    ``in_batch`` (n_y: rows of the row's class in the batch); and ``group_class`` (the class of
+    group g at index g).
+    """
+
+    def __init__(self, labels: torch.Tensor, num_classes: int):
+        batch = labels.shape[0]
+        arange = torch.arange(batch, device=labels.device)
+        self.valid = labels >= 0
+        self.safe = labels.clamp(min=0)
+        key = torch.where(self.valid, self.safe, torch.full_like(self.safe, num_classes))
+        order = torch.sort(key, stable=True).indices
+        sorted_key = key[order]
+        starts = torch.ones(batch, dtype=torch.bool, device=labels.device)
+        starts[1:] = sorted_key[1:] != sorted_key[:-1]
+        group_of_sorted = torch.cumsum(starts.long(), 0) - 1
+        self.group = torch.empty_like(group_of_sorted).scatter_(0, order, group_of_sorted)
+        first = torch.cummax(torch.where(starts, arange, torch.zeros_like(group_of_sorted)), 0).values
+        self.position = torch.empty_like(group_of_sorted).scatter_(0, order, arange - first)
+        group_count = torch.zeros(batch, dtype=torch.long, device=labels.device).index_add_(
+            0, self.group, torch.ones_like(self.group))
+        self.in_batch = group_count[self.group]
+        self.group_class = torch.zeros_like(self.safe).scatter_(0, self.group, self.safe)
+
+
+def _angles_to_centres(feats: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """Eq. 3: [B] angles between unit features and their centres, in float32, as ``unit_angle``'s
+    2 * atan2(|f - c|, |f + c|), with c normalised and f + c formed in ``centre``'s buffer (which
+    it overwrites: each fresh [B, D] buffer costs page faults on CPU; 18 of them made the update
+    4-6x slower at B >= 512)."""
+    centre.div_(centre.norm(dim=1, keepdim=True).clamp_(min=1e-12))  # = F.normalize
+    far = (feats - centre).norm(dim=1)
+    return 2 * torch.atan2(far, centre.add_(feats).norm(dim=1))
+
+
 class AngularStats(nn.Module):
     """EMA class centres (Eq. 4), angle memory (Eq. 3, Eq. 5) and per-class angular mean/variance.
 
@@ -141,11 +179,11 @@ class AngularStats(nn.Module):
         center_rate: gamma in Eq. 4, in [0, 1).
         center_rate_weights: which term of Eq. 4 gamma weighs (the other gets 1 - gamma):
             "batch_mean" (default; centre loss's learning rate, c <- gamma batch mean + (1 - gamma) c:
-            the centre moves a step gamma toward the batch mean) or "previous_centre" (Eq. 4 as
+            the centre moves a step gamma toward the batch mean) or "previous_center" (Eq. 4 as
             printed, c <- (1 - gamma) batch mean + gamma c: with gamma = 0.1 the centre is mostly
             this batch's mean, and each angle mostly one to its batch-mates; the behaviour before
             this option). tests/core/test_stats_truth.py measures both against the true variance.
-        angles_to: "updated_centre" (Eq. 3 after this batch's Eq. 4 update) or "previous_centre"
+        angles_to: "updated_center" (Eq. 3 after this batch's Eq. 4 update) or "previous_center"
             (before it, so a feature is never measured to a centre it has just pulled toward
             itself; a class's first sighting then stores no angle: it has no centre yet).
         sync: when torch.distributed is initialised, gather features and labels from every rank
@@ -159,36 +197,21 @@ class AngularStats(nn.Module):
 
     def __init__(self, class_counts, feat_dim: int, memory_factor: int = 1, center_rate: float = 0.1,
                  sync: bool = True, center_dtype: torch.dtype = torch.float32,
-                 center_rate_weights: str = "batch_mean", angles_to: str = "updated_centre"):
+                 center_rate_weights: str = "batch_mean", angles_to: str = "updated_center"):
         super().__init__()
-        counts = torch.as_tensor(class_counts)
-        if counts.dim() != 1 or counts.numel() == 0 or counts.dtype.is_floating_point:
-            raise ValueError(f"class_counts must be a non-empty 1-D integer tensor of K_i, "
-                             f"got dtype {counts.dtype} and shape {tuple(counts.shape)}")
-        if (counts <= 0).any():
-            bad = torch.nonzero(counts <= 0).flatten()[:5].tolist()
-            raise ValueError(f"class_counts must be positive (every class needs >= 1 image); "
-                             f"classes {bad} have count <= 0")
+        counts = check_class_counts(class_counts)
         if int(feat_dim) < 1:
             raise ValueError(f"feat_dim must be >= 1, got {feat_dim}")
-        if int(memory_factor) != memory_factor or memory_factor < 1:
-            raise ValueError(f"memory_factor (P in Eq. 5) must be an integer >= 1, got {memory_factor}")
-        if not 0.0 <= float(center_rate) < 1.0:
-            raise ValueError(f"center_rate (gamma in Eq. 4) must lie in [0, 1), got {center_rate}")
-        if center_dtype not in CENTER_DTYPES:
-            raise ValueError(f"center_dtype must be one of {CENTER_DTYPES}, got {center_dtype}")
-        if center_rate_weights not in CENTER_RATE_WEIGHTS:
-            raise ValueError(f"center_rate_weights (which term of Eq. 4 gamma weighs) must be one of "
-                             f"{CENTER_RATE_WEIGHTS}, got {center_rate_weights!r}")
+        angles_to = canonical(angles_to)
         if angles_to not in ANGLES_TO:
-            raise ValueError(f"angles_to (Eq. 3's centre: after or before this batch's update) must be "
+            raise ValueError(f"angles_to (Eq. 3's center: after or before this batch's update) must be "
                              f"one of {ANGLES_TO}, got {angles_to!r}")
-        counts = counts.long()
         num_classes = counts.numel()
         self.feat_dim = int(feat_dim)
-        self.memory_factor = int(memory_factor)
-        self.center_rate = float(center_rate)
-        self.center_rate_weights = center_rate_weights
+        self.memory_factor = check_option("memory_factor", memory_factor)
+        self.center_rate = check_option("center_rate", center_rate)
+        self.center_rate_weights = check_option("center_rate_weights", center_rate_weights)
+        center_dtype = check_option("center_dtype", center_dtype)
         self.angles_to = angles_to
         self.sync = sync
 
@@ -260,13 +283,13 @@ class AngularStats(nn.Module):
         Args:
             features: [B, D] features (any float dtype; computed in float32, not differentiated).
             labels: [B] class indices; -1 marks a sample to ignore.
-            reference: None (the paper: each angle is measured to the sample's updated class centre)
-                or [B, D] vectors to measure it to instead, e.g. the classifier weight rows W_y
-                (an open choice, docs/choices.md); the centres are updated either way.
+            reference: None (the paper: each angle is measured to the sample's class centre) or
+                [B, D] vectors to measure it to instead, e.g. the classifier weight rows W_y (an
+                open choice, docs/choices.md); the centres are updated either way.
 
         Returns:
             [B] float32 angles between each feature and its class centre (or reference; NaN for -1
-            and, with ``angles_to="previous_centre"``, for a class's first sighting). Under
+            and, with ``angles_to="previous_center"``, for a class's first sighting). Under
             data-parallel sync, the angles of this rank's samples only.
         """
         _check_features(features, labels, self.feat_dim)
@@ -275,6 +298,34 @@ class AngularStats(nn.Module):
             raise ValueError(f"reference must have the shape of features {tuple(features.shape)}, "
                              f"got {tuple(reference.shape)}")
         local_batch = features.shape[0]
+        feats, labels, reference = self._prepare(features, labels, reference)
+        batch = _ClassGroups(labels, self.num_classes)
+        previous = self.centers[batch.safe].float()  # [B, D] c_y before this batch
+        written = self.num_written[batch.safe]
+        # a class is new until it has stored an angle (updated centre) or has a centre (previous
+        # centre: its first sighting stores none)
+        to_previous = self.angles_to == "previous_center"
+        seen = previous.norm(dim=1) > 0 if to_previous else written > 0
+        store = batch.valid & seen if to_previous else batch.valid
+        # delta reuses previous's buffer unless previous is Eq. 3's centre (to_previous)
+        delta = self._update_centers(feats, batch, previous.clone() if to_previous else previous, seen)
+        if reference is not None:
+            centre = delta.copy_(reference)
+        else:
+            centre = previous if to_previous else delta.copy_(self.centers[batch.safe])
+        angles = _angles_to_centres(feats, centre)
+        angles = torch.where(store, angles, torch.full_like(angles, math.nan))
+        self._write_memory(angles, batch, store, written)
+        self._check_running(angles, torch.where(store, labels, torch.full_like(labels, -1)))
+        if angles.shape[0] != local_batch:  # data-parallel sync: return this rank's part
+            dist_rank = dist.get_rank()
+            longest = angles.shape[0] // dist.get_world_size()
+            angles = angles[dist_rank * longest: dist_rank * longest + local_batch]
+        return angles
+
+    def _prepare(self, features, labels, reference):
+        """The batch as Eq. 3-5 see it: every rank's rows (data parallel), unit float32 features
+        on the statistics' device, repeats dropped (label -1), the reference split back out."""
         if reference is not None:  # gathered with the features, side by side
             features = torch.cat([features.detach().float(), reference.detach().float().to(features.device)], 1)
         features, labels = self._gather(features, labels)
@@ -283,67 +334,36 @@ class AngularStats(nn.Module):
         feats = nn.functional.normalize(features.detach().float(), dim=1)
         labels = labels.to(self.centers.device)
         feats = feats.to(self.centers.device)
-        labels = drop_repeats(feats, labels)
-        batch = labels.shape[0]
-        valid = labels >= 0
-        safe = labels.clamp(min=0)
+        return feats, drop_repeats(feats, labels), reference
 
-        # group the batch by class without a dynamic shape: sort, then one group per run
-        key = torch.where(valid, safe, torch.full_like(safe, self.num_classes))
-        order = torch.sort(key, stable=True).indices
-        sorted_key = key[order]
-        starts = torch.ones(batch, dtype=torch.bool, device=labels.device)
-        starts[1:] = sorted_key[1:] != sorted_key[:-1]
-        group_of_sorted = torch.cumsum(starts.long(), 0) - 1
-        group = torch.empty_like(group_of_sorted).scatter_(0, order, group_of_sorted)  # [B]
-        first = torch.cummax(torch.where(starts, torch.arange(batch, device=labels.device),
-                                         torch.zeros_like(group_of_sorted)), 0).values
-        rank_sorted = torch.arange(batch, device=labels.device) - first  # position in its class
-        rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
+    def _update_centers(self, feats, batch, previous, seen):
+        """Eq. 4 for every class of the batch; returns the [B, D] per-sample steps (in the buffer
+        ``previous``, which it overwrites).
 
-        group_count = torch.zeros(batch, dtype=torch.long, device=labels.device).index_add_(
-            0, group, torch.ones_like(group))
-        in_batch = group_count[group]  # n_y: samples of the same class in the batch
-        group_class = torch.zeros_like(safe).scatter_(0, group, safe)  # class of each group
+        c <- w * batch mean + (1 - w) * c with w = 1 - gamma (gamma weighs the previous centre) or
+        w = gamma (gamma weighs the batch mean); the first sighting takes the batch mean. In
+        float32: sample i contributes r_i * (f_i - c_y) with r_i = w / n_y (1 / n_y at the first
+        sighting), so the n_y rows of class y sum to w * (mean - c_y); the sum is made per group,
+        then added to each class's stored centre once (one rounding in 16 bits).
+        """
+        batch_weight = 1 - self.center_rate if self.center_rate_weights == "previous_center" else self.center_rate
+        rate = torch.where(seen, batch_weight, 1.0) * batch.valid / batch.in_batch
+        delta = previous.sub_(feats).mul_(-rate[:, None])
+        shift = torch.zeros_like(delta).index_add_(0, batch.group, delta)  # [B, D]: row g = group g's change
+        self.centers.index_add_(0, batch.group_class, shift.to(self.centers.dtype))
+        return delta
 
-        # Eq. 4, c <- w * batch mean + (1 - w) * c with w = 1 - gamma (gamma weighs the previous
-        # centre) or w = gamma (gamma weighs the batch mean); the first sighting takes the batch mean.
-        # In float32: sample i contributes r_i * (f_i - c_y) with r_i = w / n_y (1 / n_y at the first
-        # sighting), so the n_y rows of class y sum to w * (mean - c_y); the sum is made per group,
-        # then added to each class's stored centre once (one rounding in 16 bits).
-        to_previous = self.angles_to == "previous_centre"
-        previous = self.centers[safe].float()  # [B, D] c_y before this batch
-        written = self.num_written[safe]
-        # a class is new until it has stored an angle (updated centre) or has a centre (previous:
-        # its first sighting stores none)
-        seen = previous.norm(dim=1) > 0 if to_previous else written > 0
-        store = valid & seen if to_previous else valid
-        batch_weight = 1 - self.center_rate if self.center_rate_weights == "previous_centre" else self.center_rate
-        rate = torch.where(seen, batch_weight, 1.0) * valid / in_batch
-        # delta reuses previous's buffer unless previous is Eq. 3's centre below
-        delta = (previous.clone() if to_previous else previous).sub_(feats).mul_(-rate[:, None])
-        shift = torch.zeros_like(delta).index_add_(0, group, delta)  # [B, D]: row g = group g's change
-        self.centers.index_add_(0, group_class, shift.to(self.centers.dtype))
+    def _write_memory(self, angles, batch, store, written):
+        """Eq. 5: ring-buffer write of the stored angles and the running sums of the mean / variance.
 
-        # Eq. 3: angle to the centre (updated, or previous) or to the reference, in float32, as
-        # unit_angle 2 * atan2(|f - c|, |f + c|), with c and f + c in an existing [B, D] buffer
-        # (each fresh [B, D] buffer costs page faults on CPU: 18 of them made the update 4-6x
-        # slower at B >= 512)
-        if reference is not None:
-            centre = delta.copy_(reference)
-        else:
-            centre = previous if to_previous else delta.copy_(self.centers[safe])
-        centre.div_(centre.norm(dim=1, keepdim=True).clamp_(min=1e-12))  # = F.normalize
-        far = (feats - centre).norm(dim=1)
-        angles = 2 * torch.atan2(far, centre.add_(feats).norm(dim=1))
-        angles = torch.where(store, angles, torch.full_like(angles, math.nan))
-
-        # Eq. 5: ring-buffer write; when a batch holds more than S_i samples of a class only the
-        # last S_i are kept (as a sequential write would leave them), the rest go to scratch.
-        # A slot never written holds 0, so subtracting the overwritten value is always right.
+        When a batch holds more than S_i samples of a class only the last S_i are kept (as a
+        sequential write would leave them), the rest go to the scratch slot. A slot never written
+        holds 0, so subtracting the overwritten value is always right.
+        """
+        safe = batch.safe
         size = self.memory_size[safe]
-        keep = store & (rank >= in_batch - size)
-        slot = self.memory_offset[safe] + (written + rank) % size
+        keep = store & (batch.position >= batch.in_batch - size)
+        slot = self.memory_offset[safe] + (written + batch.position) % size
         scratch = self.memory.numel() - 1
         slot = torch.where(keep, slot, torch.full_like(slot, scratch))
         stored32 = torch.where(keep, angles, torch.zeros_like(angles))
@@ -353,12 +373,6 @@ class AngularStats(nn.Module):
         self.angle_sum.index_add_(0, safe, stored - overwritten)
         self.angle_sq_sum.index_add_(0, safe, stored.square() - overwritten.square())
         self.num_written.index_add_(0, safe, store.long())
-        self._check_running(angles, torch.where(store, labels, torch.full_like(labels, -1)))
-        if angles.shape[0] != local_batch:  # data-parallel sync: return this rank's part
-            rank_id = dist.get_rank()
-            longest = angles.shape[0] // dist.get_world_size()
-            angles = angles[rank_id * longest: rank_id * longest + local_batch]
-        return angles
 
     # ------------------------------------------------------------------ state integrity
     def _check_running(self, angles: torch.Tensor, labels: torch.Tensor) -> None:

@@ -12,70 +12,36 @@ from fastreid.config import configurable
 from fastreid.modeling.heads import EmbeddingHead
 from fastreid.modeling.heads.build import REID_HEADS_REGISTRY
 
-from ..core import AngularStats, FeatureCloud, leap_logits
+from ..core import LEAP, leap_logits
 from ..core.integrity import load_checked
-from ..core.stats import angles_to_of
-from .config import ANGLE_REFERENCES, CENTER_DTYPES, CENTER_RATE_WEIGHTS, CLS_LAYER_MARGINS
+from .config import CLS_LAYER_MARGINS, leap_options
 
 __all__ = ["LEAPHead", "find_leap_head"]
 
 
 @REID_HEADS_REGISTRY.register()
 class LEAPHead(EmbeddingHead):
-    """EmbeddingHead + LEAP. Needs the training set's class counts: ``set_class_counts`` (done
-    by ``LEAPTrainer``) or a checkpoint that holds them."""
+    """EmbeddingHead + LEAP (``core.LEAP``, options from MODEL.HEADS.LEAP). Needs the training
+    set's class counts: ``set_class_counts`` (done by ``LEAPTrainer``) or a checkpoint that holds
+    them."""
 
     @configurable
-    def __init__(self, *, leap_version, head_threshold, memory_factor, center_rate, start_epoch,
-                 alpha_per_logit, target_only, signed_alpha, min_angles, angle_reference, center_dtype,
-                 center_rate_weights, **kwargs):
+    def __init__(self, *, leap_options, **kwargs):
         super().__init__(**kwargs)
         self.margin = CLS_LAYER_MARGINS[kwargs["cls_type"]]
-        self.cloud = FeatureCloud(leap_version, None if head_threshold < 0 else head_threshold,
-                                  alpha_per_logit, target_only, signed_alpha, min_angles)
-        self.memory_factor, self.center_rate = memory_factor, center_rate
-        self.center_rate_weights = center_rate_weights
-        self.angle_to_weight = angle_reference == "weight"
-        self.angles_to = angles_to_of(angle_reference)
-        self.center_dtype = getattr(torch, center_dtype)
-        self.start_epoch = start_epoch
+        self.leap_options = leap_options
+        self.leap = None  # core.LEAP, built with the class counts
+        self.stats = None  # self.leap.stats, registered here: the checkpoint holds heads.stats.*
         self.epoch = 0
-        self.stats = None
         self.last_metrics = {}
 
     @classmethod
     def from_config(cls, cfg):
         args = super().from_config(cfg)
-        leap = cfg.MODEL.HEADS.LEAP
         if args["cls_type"] not in CLS_LAYER_MARGINS:
             raise ValueError(f"MODEL.HEADS.CLS_LAYER={args['cls_type']!r} is not supported by LEAPHead: "
                              f"use one of {sorted(CLS_LAYER_MARGINS)} (CosFace Eq. 7 / ArcFace Eq. 8)")
-        if leap.VERSION == "vanilla" and leap.HEAD_THRESHOLD < 0:
-            raise ValueError("MODEL.HEADS.LEAP.HEAD_THRESHOLD must be set (>= 0) for "
-                             "MODEL.HEADS.LEAP.VERSION 'vanilla': classes with more than T images are head")
-        for key, value, ok in (("VERSION", leap.VERSION, leap.VERSION in ("full", "vanilla")),
-                               ("MEMORY_FACTOR", leap.MEMORY_FACTOR, int(leap.MEMORY_FACTOR) >= 1),
-                               ("CENTER_RATE", leap.CENTER_RATE, 0 <= leap.CENTER_RATE < 1),
-                               ("CENTER_RATE_WEIGHTS", leap.CENTER_RATE_WEIGHTS,
-                                leap.CENTER_RATE_WEIGHTS in CENTER_RATE_WEIGHTS),
-                               ("START_EPOCH", leap.START_EPOCH, leap.START_EPOCH >= 0),
-                               ("MIN_ANGLES", leap.MIN_ANGLES, int(leap.MIN_ANGLES) >= 2),
-                               ("ANGLE_REFERENCE", leap.ANGLE_REFERENCE, leap.ANGLE_REFERENCE in ANGLE_REFERENCES),
-                               ("CENTER_DTYPE", leap.CENTER_DTYPE, leap.CENTER_DTYPE in CENTER_DTYPES)):
-            if not ok:
-                raise ValueError(f"MODEL.HEADS.LEAP.{key}={value!r} is invalid: expected "
-                                 + {"VERSION": "'full' or 'vanilla'", "MEMORY_FACTOR": "an integer >= 1",
-                                    "CENTER_RATE": "a value in [0, 1)", "START_EPOCH": "an epoch >= 0",
-                                    "CENTER_RATE_WEIGHTS": f"one of {CENTER_RATE_WEIGHTS}",
-                                    "MIN_ANGLES": "an integer >= 2",
-                                    "ANGLE_REFERENCE": f"one of {ANGLE_REFERENCES}",
-                                    "CENTER_DTYPE": f"one of {CENTER_DTYPES}"}[key])
-        args.update(leap_version=leap.VERSION, head_threshold=leap.HEAD_THRESHOLD,
-                    memory_factor=leap.MEMORY_FACTOR, center_rate=leap.CENTER_RATE,
-                    center_rate_weights=leap.CENTER_RATE_WEIGHTS,
-                    start_epoch=leap.START_EPOCH, alpha_per_logit=leap.ALPHA_PER_LOGIT,
-                    target_only=leap.TARGET_ONLY, signed_alpha=leap.SIGNED_ALPHA, min_angles=leap.MIN_ANGLES,
-                    angle_reference=leap.ANGLE_REFERENCE, center_dtype=leap.CENTER_DTYPE)
+        args["leap_options"] = leap_options(cfg)
         return args
 
     def set_class_counts(self, class_counts):
@@ -84,31 +50,27 @@ class LEAPHead(EmbeddingHead):
         if counts.numel() != self.weight.shape[0]:
             raise ValueError(f"{counts.numel()} class counts given for a classifier of "
                              f"{self.weight.shape[0]} classes (MODEL.HEADS.NUM_CLASSES)")
-        self._build_stats(counts)
+        self._build_leap(counts)
 
-    def _build_stats(self, counts):
-        self.stats = AngularStats(counts, self.weight.shape[1], self.memory_factor, self.center_rate,
-                                  center_dtype=self.center_dtype, center_rate_weights=self.center_rate_weights,
-                                  angles_to=self.angles_to).to(self.weight.device)
+    def _build_leap(self, counts):
+        self.leap = LEAP(counts, self.weight.shape[1], self.leap_options)
+        self.leap.set_epoch(self.epoch)
+        self.stats = self.leap.stats.to(self.weight.device)
 
     def set_epoch(self, epoch: int):
+        """The training epoch (LEAPEpochHook, before each epoch): the cloud is on from START_EPOCH."""
         self.epoch = int(epoch)
-
-    @property
-    def cloud_active(self) -> bool:
-        return self.epoch >= self.start_epoch
-
-    # MODEL.HEADS.LEAP.RESET_STATS (LEAPTrainer sets it): load the checkpoint's model, fresh statistics
-    reset_stats = False
+        if self.leap is not None:
+            self.leap.set_epoch(epoch)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a checkpoint carries K_i: build the statistics from it before the buffers load (also for
         # --eval-only, where the classifier is built with NUM_CLASSES 0 and skipped by the loader)
         counts = state_dict.get(prefix + "stats.class_counts")
         if self.stats is None and counts is not None:
-            self._build_stats(counts)
+            self._build_leap(counts)
         if self.stats is not None:  # refuse statistics of other options (FastReID would load a part)
-            load_checked(self.stats, state_dict, prefix + "stats.", self.reset_stats, STATS_OPTIONS,
+            load_checked(self.stats, state_dict, prefix + "stats.", self.leap_options.reset_stats, STATS_OPTIONS,
                          "set MODEL.HEADS.LEAP.RESET_STATS True to keep the checkpoint's model and "
                          "start the statistics afresh")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -126,32 +88,17 @@ class LEAPHead(EmbeddingHead):
         cosine = F.linear(embedding, F.normalize(self.weight))
         alpha = None
         if torch.is_grad_enabled():  # a real step: not PreciseBN or any other no-grad pass
-            weight_y = self.weight.detach()[targets.clamp(min=0)] if self.angle_to_weight else None
-            angles = self.stats.update(embedding, targets, weight_y)
-            var = self.cloud.trusted_var(self.stats)  # [C] once per step, for std and the log
-            ref = self.cloud.reference_var_from(var, self.stats.class_counts)
-            std = self.cloud.std_from(var, self.stats.class_counts, targets, ref)
-            if self.cloud_active:
-                alpha = self.cloud.sample_from_std(std, cosine.shape[1], labels=targets)
-            self.last_metrics = self._metrics(angles, std, alpha, ref)
+            leap = self.leap
+            angles = leap.observe(embedding, targets, lambda: self.weight.detach()[targets.clamp(min=0)])
+            std, ref = leap.cloud_std(targets)
+            if leap.cloud_active:
+                alpha = leap.alpha(std, cosine.shape[1], targets)
+            self.last_metrics = leap.record_metrics(angles, std, alpha, ref)
         cls_outputs = leap_logits(cosine, targets, alpha, self.margin, self.cls_layer.s, self.cls_layer.m)
         return {
             "cls_outputs": cls_outputs,
             "pred_class_logits": cosine * self.cls_layer.s,
             "features": pool_feat[..., 0, 0] if self.neck_feat == "before" else neck_feat,
-        }
-
-    def _metrics(self, angles, std, alpha, reference_var):
-        """Tensors for the training log (no host sync here; the hook reads them)."""
-        tail = std > 0
-        zero = torch.zeros((), device=std.device)
-        return {
-            "leap/reference_var": reference_var,
-            "leap/cloud_fraction": tail.float().mean() if alpha is not None else zero,
-            # mean |alpha| without a [B, C] temporary
-            "leap/mean_abs_alpha": alpha.norm(p=1) / alpha.numel() if alpha is not None else zero,
-            "leap/tail_mean_angle": (angles.nan_to_num() * tail).sum() / tail.sum().clamp(min=1),
-            "leap/head_mean_angle": (angles.nan_to_num() * ~tail).sum() / (~tail).sum().clamp(min=1),
         }
 
 

@@ -45,17 +45,9 @@ class LEAPTrainer(DefaultTrainer):
             head.set_class_counts(class_counts(self.data_loader.dataset))
             _warn_if_the_cloud_never_switches_on(cfg, head)
 
-    @classmethod
-    def build_model(cls, cfg):
-        model = super().build_model(cfg)  # also for --eval-only (tools/train_net.py)
-        head = find_leap_head(model)
-        if head is not None:
-            head.reset_stats = cfg.MODEL.HEADS.LEAP.RESET_STATS
-        return model
-
     def resume_or_load(self, resume=True):
         head = find_leap_head(self.model)
-        if head is not None and head.reset_stats:
+        if head is not None and head.leap_options.reset_stats:
             logging.getLogger(__name__).warning(
                 "MODEL.HEADS.LEAP.RESET_STATS: the angular statistics start afresh; any in the "
                 "checkpoint are ignored")
@@ -71,9 +63,10 @@ class LEAPTrainer(DefaultTrainer):
 
 def _warn_if_the_cloud_never_switches_on(cfg, head):
     log = logging.getLogger(__name__)
-    if head.start_epoch >= cfg.SOLVER.MAX_EPOCH:
-        log.warning(f"MODEL.HEADS.LEAP.START_EPOCH {head.start_epoch} >= SOLVER.MAX_EPOCH {cfg.SOLVER.MAX_EPOCH}: "
+    start_epoch = head.leap_options.start_epoch
+    if start_epoch >= cfg.SOLVER.MAX_EPOCH:
+        log.warning(f"MODEL.HEADS.LEAP.START_EPOCH {start_epoch} >= SOLVER.MAX_EPOCH {cfg.SOLVER.MAX_EPOCH}: "
                     f"the feature cloud never switches on (this run trains as the host's head)")
-    reason = head.cloud.never_on_reason(head.stats.class_counts)
+    reason = head.leap.cloud.never_on_reason(head.stats.class_counts)
     if reason:
         log.warning(f"MODEL.HEADS.LEAP.HEAD_THRESHOLD: {reason}")

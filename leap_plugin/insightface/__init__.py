@@ -1,6 +1,6 @@
 """InsightFace arcface_torch adapter.
 
-* :class:`LEAPMarginLoss` (``margin.py``): drop-in for arcface_torch's ``CombinedMarginLoss`` with
+* :class:`LEAPMarginLoss` (``loss.py``): drop-in for arcface_torch's ``CombinedMarginLoss`` with
   PartialFC_V2's ``margin_loss(logits, labels)`` contract; ``attach(partial_fc)`` feeds it the
   embeddings.
 * :func:`evaluate_bin` (``verification.py``): the standard 10-fold verification accuracy on the
@@ -10,7 +10,8 @@
 swapped in. The RecordIO / long-tailed subset tools are the submodules ``recordio`` and
 ``longtail`` (imported on their own: they are not needed for training).
 """
-from .margin import LEAPMarginLoss, class_block, keyed_normal
+from ..core.noise import keyed_normal
+from .loss import LEAPMarginLoss, class_block
 
 __all__ = ["LEAPMarginLoss", "class_block", "keyed_normal", "evaluate_bin", "load_bin",
            "verification_accuracy"]

@@ -85,7 +85,7 @@ def test_sample_shape_and_generator_reproducible():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(version="ful"), "version must be one of"),
+    (dict(version="ful"), "version='ful' is invalid: expected one of"),
     (dict(version="vanilla"), "head_threshold"),
     (dict(version="vanilla", head_threshold=-1), "head_threshold"),
 ])

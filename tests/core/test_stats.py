@@ -14,7 +14,7 @@ class NaiveStats:
     this batch's update (a class's first sighting then stores no angle).
     """
 
-    def __init__(self, counts, dim, P, gamma, weights="previous_centre", angles_to="updated_centre"):
+    def __init__(self, counts, dim, P, gamma, weights="previous_center", angles_to="updated_center"):
         self.counts, self.P, self.gamma = list(counts), P, gamma
         self.weights, self.angles_to = weights, angles_to
         self.centers = [None] * len(counts)
@@ -25,7 +25,7 @@ class NaiveStats:
         angles = [math.nan] * len(labels)
         classes = sorted({int(y) for y in labels if y >= 0})
         previous = list(self.centers)
-        w = 1 - self.gamma if self.weights == "previous_centre" else self.gamma  # on the batch mean
+        w = 1 - self.gamma if self.weights == "previous_center" else self.gamma  # on the batch mean
         for c in classes:  # Eq. 4 with the mini-batch mean
             idx = [i for i, y in enumerate(labels) if y == c]
             mean = feats[idx].mean(0)
@@ -35,7 +35,7 @@ class NaiveStats:
             y = int(y)
             if y < 0:
                 continue
-            c = self.centers[y] if self.angles_to == "updated_centre" else previous[y]
+            c = self.centers[y] if self.angles_to == "updated_center" else previous[y]
             if c is None:
                 continue
             cos = float(feats[i] @ c / c.norm())
@@ -65,7 +65,7 @@ def _nan_close(a, b, atol):
     torch.testing.assert_close(a[ok].double(), b[ok].double(), atol=atol, rtol=0)
 
 
-READINGS = [(w, a) for w in ("previous_centre", "batch_mean") for a in ("updated_centre", "previous_centre")]
+READINGS = [(w, a) for w in ("previous_center", "batch_mean") for a in ("updated_center", "previous_center")]
 
 
 @pytest.mark.parametrize("weights,angles_to", READINGS)
@@ -102,7 +102,7 @@ def test_matches_naive_reference(P, gamma, weights, angles_to):
 
 
 def test_batch_with_more_samples_than_memory_keeps_the_last():
-    stats = AngularStats(torch.tensor([2]), 3, memory_factor=1, center_rate_weights="previous_centre")
+    stats = AngularStats(torch.tensor([2]), 3, memory_factor=1, center_rate_weights="previous_center")
     ref = NaiveStats([2], 3, 1, 0.1)
     feats = torch.randn(5, 3, generator=torch.Generator().manual_seed(1))
     stats.update(feats, torch.zeros(5, dtype=torch.long))
@@ -143,7 +143,7 @@ def test_half_precision_features_give_float32_angles():
     assert angles.dtype == torch.float32
 
 
-@pytest.mark.parametrize("weights", ["previous_centre", "batch_mean"])
+@pytest.mark.parametrize("weights", ["previous_center", "batch_mean"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_16bit_centres_track_the_float32_statistics(dtype, weights):
     """16-bit storage rounds each centre once per update (Eq. 4 itself runs in float32): the angles
@@ -154,7 +154,7 @@ def test_16bit_centres_track_the_float32_statistics(dtype, weights):
     counts = torch.randint(2, 30, (40,), generator=gen)
     ref = AngularStats(counts, 128, center_rate_weights=weights)
     low = AngularStats(counts, 128, center_dtype=dtype, center_rate_weights=weights)
-    w = 0.9 if weights == "previous_centre" else 0.1
+    w = 0.9 if weights == "previous_center" else 0.1
     assert low.centers.dtype == dtype and low.centers.nbytes * 2 == ref.centers.nbytes
     means = torch.randn(40, 128, generator=gen)
     for _ in range(200):
@@ -168,7 +168,7 @@ def test_16bit_centres_track_the_float32_statistics(dtype, weights):
     assert (low.var - ref.var).abs().max() < 4 * ulp * ref.var.max().sqrt()
     # the variances compared are real ones (gamma on the batch mean measures the isotropic 128-d
     # noise's nearly equal angles: ~0.002 rad^2; Eq. 4 as printed, angles to batch-mates: > 0.02)
-    assert (ref.var > (0.02 if weights == "previous_centre" else 5e-4)).float().mean() > 0.5
+    assert (ref.var > (0.02 if weights == "previous_center" else 5e-4)).float().mean() > 0.5
 
 
 def test_angles_to_a_given_reference_instead_of_the_centre():
@@ -195,7 +195,7 @@ def test_angles_to_a_given_reference_instead_of_the_centre():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(class_counts=torch.tensor([2]), feat_dim=4, center_dtype=torch.int8), "center_dtype must be one of"),
+    (dict(class_counts=torch.tensor([2]), feat_dim=4, center_dtype=torch.int8), "center_dtype=torch.int8 is invalid: expected one of"),
     (dict(class_counts=torch.tensor([2, 0]), feat_dim=4), "class_counts must be positive"),
     (dict(class_counts=torch.tensor([2, -1]), feat_dim=4), "class_counts must be positive"),
     (dict(class_counts=torch.tensor([2.0]), feat_dim=4), "class_counts must be a non-empty 1-D integer"),

@@ -38,7 +38,7 @@ pytest.importorskip("leap_plugin.fastreid", reason="FastReID (the identity sampl
 from fastreid.config import get_cfg  # noqa: E402
 from fastreid.data.samplers import NaiveIdentitySampler  # noqa: E402
 
-from leap_plugin.fastreid.config import add_leap_config  # noqa: E402
+from leap_plugin.fastreid.config import add_leap_config, leap_options  # noqa: E402
 
 COUNTS = [20] * 20 + [3] * 82
 HEAD = torch.tensor(COUNTS) > 3
@@ -96,8 +96,8 @@ def verdict(var, truth):
     return bool(0.7 <= head <= 1.4 and 0.7 <= tail <= 1.4 and 0.75 <= ratio <= 1.33), (head, tail, ratio)
 
 
-READINGS = [("previous_centre", "updated_centre"), ("previous_centre", "previous_centre"),
-            ("batch_mean", "updated_centre"), ("batch_mean", "previous_centre")]
+READINGS = [("previous_center", "updated_center"), ("previous_center", "previous_center"),
+            ("batch_mean", "updated_center"), ("batch_mean", "previous_center")]
 # (weights, angles_to) -> passes, per (sampler, dim)
 EXPECTED = {
     ("identity", 512): [True, False, True, True],
@@ -133,9 +133,8 @@ def test_the_defaults_pass():
 
     stats = AngularStats(torch.tensor([2]), 4)
     cfg = add_leap_config(get_cfg())
-    fastreid_reading = (cfg.MODEL.HEADS.LEAP.CENTER_RATE_WEIGHTS,
-                        {"centre": "updated_centre"}.get(cfg.MODEL.HEADS.LEAP.ANGLE_REFERENCE,
-                                                         cfg.MODEL.HEADS.LEAP.ANGLE_REFERENCE))
+    fastreid = leap_options(cfg)
+    fastreid_reading = (fastreid.center_rate_weights, fastreid.angles_to)
     for reading in ((stats.center_rate_weights, stats.angles_to), fastreid_reading):
         assert reading in passing(("identity", 512)) and reading in passing(("identity", 2048))
     face = LEAPMarginLoss(torch.tensor([3, 3]), 4).stats

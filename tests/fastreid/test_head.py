@@ -16,7 +16,7 @@ def test_registered_and_built_from_yaml():
     model = build_model(cfg)
     assert isinstance(model.heads, LEAPHead)
     assert model.heads.margin == "arc" and model.heads.cls_layer.s == 16 and model.heads.cls_layer.m == 0.2
-    assert model.heads.cloud.version == "full"
+    assert model.heads.leap_options.version == "full" and model.heads.leap is None  # until the class counts
 
 
 @pytest.mark.parametrize("host_config,leap_config", [("cosface.yml", "leap_cf.yml"), ("arcface.yml", "leap_af.yml")])
@@ -54,7 +54,7 @@ def test_cloud_changes_tail_logits_from_start_epoch():
     cloud = head(features, targets)["cls_outputs"]
     head_rows, tail_rows = targets < 2, targets >= 2
     # head classes never get alpha; tail classes (var below sigma_h^2) do
-    assert head.cloud.std(head.stats, targets)[tail_rows].gt(0).any()
+    assert head.leap.cloud.std(head.stats, targets)[tail_rows].gt(0).any()
     torch.testing.assert_close(cloud[head_rows], plain[head_rows], atol=1e-4, rtol=0)
     assert not torch.allclose(cloud[tail_rows], plain[tail_rows], atol=1e-3)
 
@@ -103,7 +103,7 @@ def test_angle_reference_weight_and_16bit_centres():
     ({"MODEL.HEADS.LEAP.CENTER_RATE": 1.5}, "MODEL.HEADS.LEAP.CENTER_RATE=1.5"),
     ({"MODEL.HEADS.LEAP.MEMORY_FACTOR": 0}, "MODEL.HEADS.LEAP.MEMORY_FACTOR=0"),
     ({"MODEL.HEADS.LEAP.MIN_ANGLES": 1}, "MODEL.HEADS.LEAP.MIN_ANGLES=1"),
-    ({"MODEL.HEADS.LEAP.ANGLE_REFERENCE": "center"}, "MODEL.HEADS.LEAP.ANGLE_REFERENCE='center'"),
+    ({"MODEL.HEADS.LEAP.ANGLE_REFERENCE": "centroid"}, "MODEL.HEADS.LEAP.ANGLE_REFERENCE='centroid'"),
     ({"MODEL.HEADS.LEAP.CENTER_DTYPE": "half"}, "MODEL.HEADS.LEAP.CENTER_DTYPE='half'"),
 ])
 def test_config_errors_name_the_key(opts, match):

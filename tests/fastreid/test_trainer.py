@@ -60,7 +60,7 @@ def test_train_evaluate_checkpoint_resume(datasets_root, tmp_path):
     # FastReID's own evaluator ran on query/gallery (one test set: DefaultTrainer.test unwraps it)
     assert {"Rank-1", "mAP", "mINP"} <= set(results)
     assert 0 <= results["Rank-1"] <= 100
-    assert head.epoch == 1 and head.cloud_active  # START_EPOCH 1: the cloud ran in epoch 1
+    assert head.epoch == 1 and head.leap.cloud_active  # START_EPOCH 1: the cloud ran in epoch 1
     assert int(head.stats.num_written.sum()) == trainer.iters_per_epoch * 2 * 16
     saved = {k: v.clone() for k, v in head.stats.state_dict().items()}
     assert os.path.exists(os.path.join(out, "model_final.pth"))

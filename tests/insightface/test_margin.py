@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from leap_plugin.insightface import LEAPMarginLoss, keyed_normal
+from leap_plugin.core.noise import keyed_normal
+from leap_plugin.insightface import LEAPMarginLoss
 
 S = 64.0
 ARC_M, COS_M = 0.5, 0.35
@@ -81,7 +82,7 @@ def _loss(margin="cos", classes=9, **kw):
     m = COS_M if margin == "cos" else ARC_M
     counts = torch.tensor([40, 30, 20, 5, 5, 4, 3, 5, 2, 6, 7, 8][:classes])
     kw.setdefault("update_every", 1)
-    kw.setdefault("angle_reference", "updated_centre")  # every observed sample stores an angle
+    kw.setdefault("angle_reference", "updated_center")  # every observed sample stores an angle
     return LEAPMarginLoss(counts, 4, margin=margin, scale=S, margin_value=m, **kw)
 
 
@@ -167,10 +168,10 @@ def test_cloud_on_matches_formula_with_drawn_alpha(per_logit, target_only, signe
         labels = lab.clone()
         labels[::4] = -1  # as if on another rank: the row still gets alpha, no margin
         out = loss(cosine.clone(), labels[:, None])
-    std = loss.cloud.std(loss.stats, labels_seq[-1])  # one process: the block is every class
+    std = loss.leap.cloud.std(loss.stats, labels_seq[-1])  # one process: the block is every class
     assert (std > 0).any() and (std == 0).any()
     cols = torch.arange(9) if per_logit else None
-    alpha = loss.alpha(std, 2, 9, cols, labels)
+    alpha = loss.leap.alpha(std, 9, labels, step=2, columns=cols)
     assert alpha.shape == ((12, 9) if per_logit or target_only else (12, 1))
     assert torch.all(alpha[std == 0] == 0)
     if target_only:  # only the target column, and nothing for a row whose target is elsewhere
@@ -190,9 +191,9 @@ def test_update_every_and_start_epoch():
         loss(torch.zeros(6, 9), torch.tensor([0, 0, 1, 1, 3, 4]))
         written.append(int(loss.stats.num_written.sum()))
     assert written == [6, 6, 6, 12, 12, 12, 18]  # updates at steps 0, 3, 6
-    assert not loss.cloud_active
+    assert not loss.leap.cloud_active
     loss.set_epoch(1)
-    assert loss.cloud_active
+    assert loss.leap.cloud_active
     with pytest.raises(ValueError, match="epoch"):
         loss.set_epoch(-1)
 
@@ -240,7 +241,7 @@ def test_state_dict_resume_continues_identically():
     resumed.load_state_dict(state)
     for a, b in zip(run(resumed, 6, start=3), full[3:]):
         torch.testing.assert_close(a, b)
-    assert resumed.step == straight.step == 6
+    assert resumed.leap.step == straight.leap.step == 6
 
 
 def test_keyed_normal_is_standard_normal_and_shardable():
@@ -320,16 +321,16 @@ def test_lazy_blocked_alpha_equals_whole_alpha(monkeypatch):
     for elements, inplace in ((1 << 30, False), (4, False), (4, True), (3, True)):
         monkeypatch.setattr(tiles, "BLOCK_ELEMENTS", elements)
         loss.load_state_dict(state)
-        loss.step, loss.inplace = 2, inplace
+        loss.leap.step, loss.inplace = 2, inplace
         loss.observe(torch.ones(8, 4), lab)
-        std = loss._pending[2]
+        std = loss.observed.std if loss.observed.cloud else None
         x = cosine.clone().requires_grad_()
         given = x * 1.0
         out = loss(given, labels[:, None])
         assert (out.data_ptr() == given.data_ptr()) == inplace
         out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
-        alpha = loss.alpha(std, 2, 9, torch.arange(9))
-        lazy = loss.alpha(std, 2, 9, torch.arange(9), lazy=True)
+        alpha = loss.leap.alpha(std, 9, step=2, columns=torch.arange(9))
+        lazy = loss.leap.alpha(std, 9, step=2, columns=torch.arange(9), lazy=True)
         blocks = torch.cat([torch.cat([lazy[r, c] for c in (slice(0, 4), slice(4, 9))], 1)
                             for r in (slice(0, 5), slice(5, 8))])
         assert torch.equal(blocks, alpha) and torch.equal(lazy.gather(1, labels.clamp(min=0)[:, None]),
@@ -380,10 +381,10 @@ def test_errors_say_what_is_wrong():
         _loss("cos", update_every=0)
     with pytest.raises(ValueError, match="head_threshold"):
         _loss("cos", version="vanilla")
-    with pytest.raises(ValueError, match="angle_reference must be one of \\('centre', 'updated_centre', "
-                                         "'previous_centre', 'weight'\\)"):
-        _loss("cos", angle_reference="center")
-    with pytest.raises(ValueError, match="center_rate_weights .* must be one of"):
+    with pytest.raises(ValueError, match="angle_reference='centroid' is invalid: expected one of \\('center', "
+                                         "'updated_center', 'previous_center', 'weight'\\)"):
+        _loss("cos", angle_reference="centroid")
+    with pytest.raises(ValueError, match="center_rate_weights='old' is invalid: expected one of"):
         _loss("cos", center_rate_weights="old")
-    with pytest.raises(ValueError, match="center_dtype must be one of"):
+    with pytest.raises(ValueError, match="center_dtype='float64' is invalid: expected one of"):
         _loss("cos", center_dtype="float64")

@@ -78,7 +78,7 @@ def _sharded_run(rank, per_logit, sampled):
             loss.set_epoch(1)
         rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
         loss.observe(emb_all[rows], lab_all[rows][:, None])  # what the pre-hook would see
-        std = loss._pending[2]  # the cloud std of every global row (None before the start epoch)
+        std = loss.observed.std if loss.observed.cloud else None  # every global row's cloud std
         # PartialFC_V2's forward: gather, remap labels, (sample), cosines of the local shard
         parts = [torch.empty(B_LOCAL, D) for _ in range(WORLD)]
         dist.all_gather(parts, emb_all[rows].contiguous())
@@ -188,7 +188,7 @@ def _single_process(per_logit, columns_per_step):
         if step == 2:
             loss.set_epoch(1)
         loss.observe(emb_all, lab_all)
-        std = loss._pending[2]
+        std = loss.observed.std if loss.observed.cloud else None
         emb = emb_all.clone().requires_grad_()
         w = weight.clone().requires_grad_()
         out = loss((F.normalize(emb) @ F.normalize(w).t()).clamp(-1, 1), lab_all[:, None])

@@ -50,13 +50,13 @@ def test_reset_stats_resumes_the_model_with_fresh_statistics(arcface, saved):
     session = tool.Session()
     session.cfg = edict(num_classes=len(COUNTS), embedding_size=8, rec="",
                         leap=dict(class_counts=COUNTS, memory_factor=2, update_every=1, reset_stats=True,
-                                  angle_reference="updated_centre"))
+                                  angle_reference="updated_center"))
     loss = session.build_loss(64.0, (1.0, 0.0, 0.35))
-    assert loss.reset_stats
+    assert loss.leap.options.reset_stats
     pfc = _load(arcface, "partial_fc_v2").PartialFC_V2(loss, 8, len(COUNTS), 1.0, False).train()
     loss.attach(pfc)
     pfc.load_state_dict(saved)  # strict, as train_v2
-    assert torch.equal(pfc.weight, saved["weight"]) and loss.step == 3
+    assert torch.equal(pfc.weight, saved["weight"]) and loss.leap.step == 3
     assert loss.stats.memory_factor == 2 and int(loss.stats.num_written.sum()) == 0
     emb, labels = _batch(3)
     pfc(emb.requires_grad_(), labels).backward()  # and it trains on

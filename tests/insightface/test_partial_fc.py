@@ -78,7 +78,7 @@ def _make(arcface, sample_rate):
     pfc_module = _load(arcface, "partial_fc_v2")
     loss = LEAPMarginLoss(torch.tensor([40, 30, 20, 5, 5, 5, 4, 5, 3]), 8, margin="cos", margin_value=0.35,
                           version="vanilla", head_threshold=5, update_every=2, start_epoch=1, seed=9,
-                          angle_reference="updated_centre")  # every observed sample stores an angle
+                          angle_reference="updated_center")  # every observed sample stores an angle
     pfc = pfc_module.PartialFC_V2(loss, 8, 9, sample_rate, False).train()
     loss.attach(pfc)
     return pfc, loss
@@ -126,11 +126,11 @@ def test_checkpoint_resume_as_train_v2(arcface, world1, tmp_path, sample_rate):
     pfc.load_state_dict(loaded["state_dict_softmax_fc"])
     opt = torch.optim.SGD(pfc.parameters(), lr=0.5)
     opt.load_state_dict(loaded["state_optimizer"])
-    assert loss.step == 3 and int(loss.stats.num_written.sum()) == 24  # steps 0 and 2 updated
+    assert loss.leap.step == 3 and int(loss.stats.num_written.sum()) == 24  # steps 0 and 2 updated
     torch.set_rng_state(rng)
     resumed = _train(pfc, loss, 6, opt, start=3)
     np.testing.assert_allclose(first + resumed, straight, rtol=1e-5)
-    assert loss.cloud_active and loss.epoch == 1
+    assert loss.leap.cloud_active and loss.leap.epoch == 1
 
 
 def test_attach_checks_the_module(arcface, world1):
@@ -195,8 +195,8 @@ def test_tool_wires_leap_into_the_hosts_modules(host_modules, world1, tmp_path):
                                             cfg.interclass_filtering_threshold)
     assert isinstance(margin_loss, LEAPMarginLoss)
     assert (margin_loss.margin, margin_loss.margin_value, margin_loss.scale) == ("arc", 0.5, 64.0)
-    assert margin_loss.straight_through and margin_loss.cloud.version == "vanilla"
-    assert (margin_loss.seed, margin_loss.start_epoch, margin_loss.update_every) == (2048, 20, 5)
+    assert margin_loss.straight_through and margin_loss.leap.cloud.version == "vanilla"
+    assert (margin_loss.leap.seed, margin_loss.leap.options.start_epoch, margin_loss.leap.options.update_every) == (2048, 20, 5)
     module_partial_fc = ns["PartialFC_V2"](margin_loss, cfg.embedding_size, cfg.num_classes,
                                                    cfg.sample_rate, False)
     assert type(module_partial_fc).__name__ == "PartialFC_V2" and margin_loss._hook is not None
@@ -206,7 +206,7 @@ def test_tool_wires_leap_into_the_hosts_modules(host_modules, world1, tmp_path):
     # the face configs measure angles to the centre before the update: a first sighting sets the
     # centres of the batch's classes and stores no angle
     seen = labels.unique()
-    assert int(margin_loss.stats.num_written.sum()) == 0 and margin_loss.stats.angles_to == "previous_centre"
+    assert int(margin_loss.stats.num_written.sum()) == 0 and margin_loss.stats.angles_to == "previous_center"
     assert (margin_loss.stats.centers[seen].float().norm(dim=1) > 0).all()
 
     # the epoch reaches the loss through the sampler's set_epoch (train_v2 calls it every epoch)
@@ -218,7 +218,7 @@ def test_tool_wires_leap_into_the_hosts_modules(host_modules, world1, tmp_path):
     loader = loader_fn("synthetic", 0, 4)
     assert cfg.num_image == 20  # counted from the dataset
     loader.sampler.set_epoch(20)
-    assert margin_loss.epoch == 20 and margin_loss.cloud_active
+    assert margin_loss.leap.epoch == 20 and margin_loss.leap.cloud_active
 
     # triangular LR: 30 epochs of 10 steps, 10-epoch cycles, lr_min -> lr at mid-cycle -> lr_min
     opt = torch.optim.SGD(module_partial_fc.parameters(), lr=cfg.lr, momentum=0.9)
@@ -321,4 +321,4 @@ def test_tool_epoch_reaches_the_loss_through_the_logging_callback():
 
     callback = session.wrap_logging_callback(HostCallback)()
     callback(7, None, 2, False, 0.1, None)
-    assert calls == [(7, 2)] and loss.epoch == 2 and loss.cloud_active
+    assert calls == [(7, 2)] and loss.leap.epoch == 2 and loss.leap.cloud_active
