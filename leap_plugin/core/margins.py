@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 from .blocks import blocks
 from .stats import check_labels, require, values_in
 
-__all__ = ["leap_logits", "check_margin", "MARGINS"]
+__all__ = ["leap_logits", "leap_logits_reference", "shifted_cos_reference", "check_margin", "MARGINS"]
 
 MARGINS = ("cos", "arc")
 _TINY = 1e-12  # floor of sin^2(theta): keeps d sin / d cos finite at cos = +-1
@@ -63,22 +63,48 @@ def shifted_cos(cosine, shift, scale=1.0, grad_cosine=False, grad_shift=False):
     shape. Every [B, C] step is a float pass, in place where it can be: boolean masks,
     ``torch.where`` and fresh [B, C] buffers cost several arithmetic passes each on CPU.
     """
-    a = shift.clamp(-_BELOW_PI, _BELOW_PI)
-    b = torch.sin(a)
-    a.cos_()
-    sin2 = torch.addcmul(cosine.new_ones(()), cosine, cosine, value=-1.0)  # 1 - cos^2
-    sine = sin2.clamp(min=_TINY).sqrt_()
-    out = (cosine * a).addcmul_(sine, b, value=-1.0)  # cos(theta + shift), unclipped
-    cos_b = cosine * b
-    sign = b.sign_()  # sign(shift): sin keeps the sign on [-pi, pi] below pi
-    inv_sine = sin2.clamp_(min=0.0).sqrt_().div_(sine).div_(sine) if grad_cosine else None  # 0 at floor
-    sin_sum = sine.mul_(a).add_(cos_b)  # sin(theta + shift)
-    d_shift = sin_sum.clamp(min=0.0).mul_(-scale) if grad_shift else None
-    inside = sin_sum.sign_().clamp_(min=0.0).mul_(scale)  # s where theta + shift is in [0, pi], else 0
-    d_cosine = cos_b.mul_(inv_sine).add_(a).mul_(inside) if grad_cosine else None
+    # Buffers: "new" allocates; "in X" reuses X's buffer, after which X's old value is gone.
+    a = shift.clamp(-_BELOW_PI, _BELOW_PI)  # new: the clamped shift, cos(shift) two lines down
+    b = torch.sin(a)  # new: sin(shift)
+    a.cos_()  # in a: cos(shift)
+    sin2 = torch.addcmul(cosine.new_ones(()), cosine, cosine, value=-1.0)  # new: 1 - cos^2
+    sine = sin2.clamp(min=_TINY).sqrt_()  # new: S = sin(theta), floored
+    out = (cosine * a).addcmul_(sine, b, value=-1.0)  # new: cos(theta + shift), unclipped
+    cos_b = cosine * b  # new: cos(theta) sin(shift)
+    sign = b.sign_()  # in b: sign(shift) (sin keeps the sign on [-pi, pi] below pi)
+    inv_sine = sin2.clamp_(min=0.0).sqrt_().div_(sine).div_(sine) if grad_cosine else None  # in sin2: 1/S, 0 at floor
+    sin_sum = sine.mul_(a).add_(cos_b)  # in sine: sin(theta + shift)
+    d_shift = sin_sum.clamp(min=0.0).mul_(-scale) if grad_shift else None  # new
+    inside = sin_sum.sign_().clamp_(min=0.0).mul_(scale)  # in sine: s where theta + shift is in [0, pi], else 0
+    d_cosine = cos_b.mul_(inv_sine).add_(a).mul_(inside) if grad_cosine else None  # in cos_b
     # inside: s * out + 0 (bit for bit);  clipped: 0 * out + (0 - s) * sign(shift) = -s * sign(shift)
-    out.mul_(inside).addcmul_(inside.sub_(scale), sign)
+    out.mul_(inside).addcmul_(inside.sub_(scale), sign)  # in out; inside becomes inside - s
     return out, d_cosine, d_shift
+
+
+def shifted_cos_reference(cosine: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """cos(clip(theta + shift, 0, pi)) for theta = arccos(cosine), written plainly (fresh tensors,
+    ``torch.where``, differentiable by autograd): the reference :func:`shifted_cos`'s fused values
+    and hand-written derivatives are tested against (tests/core/test_margins.py)."""
+    a = shift.clamp(-_BELOW_PI, _BELOW_PI)
+    sine = (1 - cosine * cosine).clamp(min=_TINY).sqrt()  # sin(theta) >= 0
+    sin_sum = sine * torch.cos(a) + cosine * torch.sin(a)  # sin(theta + shift)
+    cos_sum = cosine * torch.cos(a) - sine * torch.sin(a)  # cos(theta + shift)
+    # theta + shift in [-pi, 2 pi] leaves [0, pi] exactly where sin(theta + shift) < 0: above pi
+    # for shift > 0 (cos pi = -1), below 0 for shift < 0 (cos 0 = 1)
+    return torch.where(sin_sum > 0, cos_sum, -torch.sign(a))
+
+
+def leap_logits_reference(cosine, labels, alpha=None, margin="cos", scale=1.0, margin_value=0.0):
+    """Eq. 7 / 8 written as printed, with autograd (no fused kernel, no in-place buffer): the
+    reference :func:`leap_logits` (one hand-differentiated autograd node) is tested against."""
+    target = torch.zeros_like(cosine, dtype=torch.bool)
+    target.scatter_(1, labels.clamp(min=0)[:, None], (labels >= 0)[:, None])  # row -1: no target
+    alpha = torch.zeros_like(cosine) if alpha is None else alpha.reshape(cosine.shape[0], -1).expand_as(cosine)
+    if margin == "cos":  # Eq. 7: s (cos(theta_y + alpha) - m), s cos(theta_j + alpha)
+        return scale * (shifted_cos_reference(cosine, alpha) - margin_value * target)
+    # Eq. 8: s cos(theta_y + alpha + m), s cos(theta_j + alpha)
+    return scale * shifted_cos_reference(cosine, alpha + margin_value * target)
 
 
 def blocked_shifted_cos(cosine, shift, scale=1.0, grad_cosine=False, grad_shift=False, out=None):

@@ -7,6 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from fastreid.layers.any_softmax import ArcSoftmax, CosSoftmax
 from leap_plugin.core import leap_logits
+from leap_plugin.core.margins import leap_logits_reference, shifted_cos, shifted_cos_reference
 
 
 def _inputs(seed, B=7, C=11, lo=-0.95, hi=0.95):
@@ -143,3 +144,38 @@ def test_straight_through_keeps_values_and_passes_s(margin, inplace):
     torch.testing.assert_close(got.detach().double(), reference(cosine, labels, alpha, margin, 12.0, 0.3),
                                atol=1e-4, rtol=0)
     torch.testing.assert_close(x.grad, 12.0 * weights)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fused_shifted_cos_equals_its_plain_reference(seed):
+    """The in-place kernel (values and hand-written derivatives) against the plain formula and its
+    autograd derivatives, over shifts that clip at 0 and at pi and cosines up to the ends."""
+    gen = torch.Generator().manual_seed(seed)
+    cosine = (torch.rand(64, 33, generator=gen, dtype=torch.float64) * 2 - 1).clamp(-0.999, 0.999)
+    shift = torch.randn(64, 33, generator=gen, dtype=torch.float64) * 1.5
+    assert ((torch.arccos(cosine) + shift > math.pi) | (torch.arccos(cosine) + shift < 0)).float().mean() > 0.1
+    c, a = cosine.clone().requires_grad_(True), shift.clone().requires_grad_(True)
+    want = shifted_cos_reference(c, a)
+    d_cos, d_shift = torch.autograd.grad(want.sum(), (c, a))
+    got, got_d_cos, got_d_shift = shifted_cos(cosine.float(), shift.float(), 3.0, True, True)
+    torch.testing.assert_close(got.double(), 3.0 * want.detach(), atol=2e-6, rtol=0)
+    torch.testing.assert_close(got_d_cos.double(), 3.0 * d_cos, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(got_d_shift.double(), 3.0 * d_shift, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("margin,m", [("cos", 0.35), ("arc", 0.5)])
+@pytest.mark.parametrize("per_logit", [True, False])
+def test_leap_logits_equal_the_plain_reference_with_gradients(margin, m, per_logit):
+    cosine, labels, gen = _inputs(3)
+    alpha = torch.randn(7, 11 if per_logit else 1, generator=gen) * 0.8
+    c = cosine.clone().requires_grad_(True)
+    a = alpha.clone().requires_grad_(True)
+    got = leap_logits(c, labels, a, margin, 16.0, m)
+    c_ref, a_ref = cosine.double().requires_grad_(True), alpha.double().requires_grad_(True)
+    want = leap_logits_reference(c_ref, labels, a_ref, margin, 16.0, m)
+    weights = torch.randn(want.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    (got.double() * weights).sum().backward()
+    (want * weights).sum().backward()
+    torch.testing.assert_close(got.double(), want.detach(), atol=5e-5, rtol=0)
+    torch.testing.assert_close(c.grad.double(), c_ref.grad, atol=2e-3, rtol=1e-4)
+    torch.testing.assert_close(a.grad.double(), a_ref.grad, atol=2e-3, rtol=1e-4)
