@@ -205,43 +205,33 @@ def test_confidence_intervals_have_their_nominal_coverage():
 
 # ------------------------------------------------------------------------------- plots
 
-def _png(path):
-    with Image.open(path) as img:
-        assert img.format == "PNG"
-        img.load()
-        pixels = np.asarray(img.convert("L"), dtype=np.float64)
-    assert pixels.shape[0] > 100 and pixels.shape[1] > 100
-    assert pixels.std() > 5  # something is drawn, not a blank canvas
-    return pixels.shape
-
-
-def test_plot_angle_distributions_one_panel_per_method(tmp_path):
+def test_plot_angle_distributions_one_panel_per_method(tmp_path, png):
     rng = np.random.default_rng(4)
     feats, labels, _ = head_tail_data(rng, num_head=6, num_tail=10)
     angles, classes, var, count = class_angles(feats, labels)
     is_head = (count > 4)[labels]
-    one = _png(plot_angle_distributions({"baseline": (angles, is_head)}, str(tmp_path / "one.png")))
+    one = png(plot_angle_distributions({"baseline": (angles, is_head)}, str(tmp_path / "one.png")))
     runs = {"baseline": (angles, is_head), "LEAP": (angles.numpy() * 0.7, is_head)}
-    two = _png(plot_angle_distributions(runs, str(tmp_path / "sub" / "two.png")))
+    two = png(plot_angle_distributions(runs, str(tmp_path / "sub" / "two.png")))
     assert two[1] > one[1] * 1.5 and two[0] == one[0]
     with pytest.raises(ValueError, match="bools"):
         plot_angle_distributions({"x": (angles, is_head[:-1])}, str(tmp_path / "bad.png"))
 
 
-def test_plot_variance_bars(tmp_path):
+def test_plot_variance_bars(tmp_path, png):
     s1 = head_tail_summary([0.4, 0.5, 0.6, 0.2, 0.3], [9, 9, 9, 3, 3], np.array([1, 1, 1, 0, 0], bool))
     s2 = head_tail_summary([0.4, 0.5, 0.6, 0.2, np.nan], [9, 9, 9, 3, 1], np.array([1, 1, 1, 0, 0], bool))
-    _png(plot_variance_bars({"baseline": s1, "LEAP": s2}, str(tmp_path / "bars.png")))  # NaN CI drawn as none
+    png(plot_variance_bars({"baseline": s1, "LEAP": s2}, str(tmp_path / "bars.png")))  # NaN CI drawn as none
     with pytest.raises(ValueError, match="empty"):
         plot_variance_bars({}, str(tmp_path / "none.png"))
 
 
-def test_plot_tsne(tmp_path):
+def test_plot_tsne(tmp_path, png):
     rng = np.random.default_rng(5)
     feats, labels, _ = head_tail_data(rng, num_head=8, num_tail=10)
     _, classes, _, count = class_angles(feats, labels)
     is_head = (count > 4).numpy()
-    _png(plot_tsne(feats, labels, is_head, str(tmp_path / "tsne.png"), num_head=3, num_tail=4))
+    png(plot_tsne(feats, labels, is_head, str(tmp_path / "tsne.png"), num_head=3, num_tail=4))
     with pytest.raises(ValueError, match="one per distinct label"):
         plot_tsne(feats, labels, is_head[:-1], str(tmp_path / "bad.png"))
 
@@ -259,93 +249,3 @@ def test_tsne_shows_neighbouring_classes():
         assert sorted(tails) == ([6, 7, 8] if sorted(heads) == [0, 1, 2] else [9, 10, 11])
     heads, tails = _neighbour_classes(centres, is_head, 2, 10, 0)
     assert len(heads) == 2 and sorted(tails) == list(range(6, 12))
-
-
-# ------------------------------------------------------------------------------- tools/analyze.py
-
-def _analyze_tool():
-    path = os.path.join(REPO, "tools", "analyze.py")
-    spec = importlib.util.spec_from_file_location("leap_analyze_tool", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TINY = ["MODEL.BACKBONE.DEPTH", "18x", "MODEL.BACKBONE.FEAT_DIM", "512", "MODEL.BACKBONE.PRETRAIN", "False",
-        "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]", "DATALOADER.NUM_WORKERS", "0",
-        "TEST.IMS_PER_BATCH", "32", "DATASETS.NAMES", "('Market1501_LT',)",
-        "DATASETS.LONG_TAIL.NUM_HEAD", "4", "DATASETS.LONG_TAIL.TAIL_IMAGES", "3"]
-
-
-def test_analyze_tool_end_to_end(tmp_path, monkeypatch):
-    sys.path.insert(0, os.path.join(REPO, "tests", "fastreid"))
-    try:
-        from reid_fixtures import write_market1501
-    finally:
-        sys.path.pop(0)
-    import fastreid.data.build as fastreid_build
-    from fastreid.modeling import build_model
-    from fastreid.utils.checkpoint import Checkpointer
-    from leap_plugin.fastreid import find_leap_head
-
-    root = write_market1501(str(tmp_path / "datasets"))
-    monkeypatch.setattr(fastreid_build, "_root", root)  # fastreid read FASTREID_DATASETS at import
-    tool = _analyze_tool()
-    config = os.path.join(REPO, "configs", "fastreid", "leap_cf.yml")
-
-    # a "trained" LEAP model: built, statistics created, saved with FastReID's Checkpointer (0 steps)
-    cfg = tool.setup(config, TINY)
-    train_set = tool.build_train_set(cfg)
-    assert cfg.MODEL.DEVICE == "cpu" and train_set.num_classes == 12
-    cfg.MODEL.HEADS.NUM_CLASSES = train_set.num_classes
-    model = build_model(cfg)
-    counts = np.bincount([train_set.pid_dict[item[1]] for item in train_set.img_items])
-    find_leap_head(model).set_class_counts(counts)
-    os.makedirs(tmp_path / "run")
-    Checkpointer(model, save_dir=str(tmp_path / "run")).save("model_final")
-    weights = str(tmp_path / "run" / "model_final.pth")
-
-    out = str(tmp_path / "analysis")
-    result = tool.main(["--config-file", config, "--weights", weights, "--out", out, "--plots"] + TINY)
-
-    # Market fixture: identity i has 4 + 2 (i % 4) images; <H4, S3> keeps 3x10 + 1x8 whole, cuts 8 to 3
-    assert result["num_images"] == 62 and result["num_classes"] == 12 and result["head_threshold"] == 3
-    summary = result["summary"]
-    assert (summary["head"]["num_classes"], summary["tail"]["num_classes"]) == (4, 8)
-    assert (summary["head"]["num_images"], summary["tail"]["num_images"]) == (38, 24)
-    assert "training_memory_summary" in result  # the LEAP statistics came back with the checkpoint
-    with open(os.path.join(out, "analysis.json")) as f:
-        assert json.load(f) == result
-    for name in ("angles.png", "variance.png", "tsne.png"):
-        _png(os.path.join(out, name))
-
-    run = load_run(out)
-    n = 62
-    assert run["features"].shape == (n, 512) and run["angles"].shape == run["labels"].shape == (n,)
-    assert run["is_head"].sum() == 38 and run["class_count"].tolist() == result["classes"]["count"]
-    angles, _, var, _ = class_angles(run["features"], run["labels"])
-    np.testing.assert_allclose(run["angles"], angles.numpy())
-    np.testing.assert_allclose(run["class_var"], var.numpy())
-    assert result["classes"]["var"] == pytest.approx(var.tolist())
-
-    # the features are the loaded model's eval embeddings of the training images, in dataset order
-    model.eval()
-    with torch.no_grad():
-        first = [train_set[i] for i in (0, 61)]
-        expected = model({"images": torch.stack([x["images"] for x in first])})
-    np.testing.assert_allclose(run["features"][[0, 61]], expected.numpy(), rtol=1e-4, atol=1e-5)
-    assert run["labels"][[0, 61]].tolist() == [x["targets"] for x in first]
-
-    # a head-threshold override moves classes between the groups (same features: no second pass)
-    monkeypatch.setattr(tool, "extract_features", lambda *args: (torch.from_numpy(run["features"]),
-                                                                  torch.from_numpy(run["labels"])))
-    result = tool.analyze_run(tool.setup(config, TINY), weights, str(tmp_path / "t8"), head_threshold=8)
-    assert result["summary"]["head"]["num_classes"] == 3 and result["head_threshold"] == 8
-    assert result["summary"]["head"]["num_images"] == 30
-
-    # a checkpoint that does not fit the config is refused, not measured half-random
-    with pytest.raises(ValueError, match="did not load"):
-        tool.analyze_run(tool.setup(config, TINY + ["MODEL.BACKBONE.DEPTH", "34x"]), weights,
-                         str(tmp_path / "x"))
-    with pytest.raises(FileNotFoundError):
-        tool.analyze_run(cfg, str(tmp_path / "missing.pth"), str(tmp_path / "y"))

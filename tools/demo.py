@@ -78,7 +78,7 @@ def train(method, seed, out_dir, val, force, bar, extra_opts=()):
 
 def analyse(method, seed, run_dir, val, extra_opts=()):
     """Angular statistics of a trained model on its training classes (tools/analyze.py)."""
-    from analyze import analyze_run, setup
+    from leap_plugin.fastreid.analysis import analyze_run, setup
     summary_path = os.path.join(run_dir, "analysis", "analysis.json")
     if not os.path.exists(summary_path):
         config = os.path.join(REPO, "configs", "fastreid", "Omniglot_LT", f"{method}.yml")

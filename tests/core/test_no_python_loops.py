@@ -1,4 +1,4 @@
-"""The training path has no Python loop over samples or classes (design.md, "The core API").
+"""The training path has no Python loop over samples or classes (the core's contract, leap_plugin/core).
 
 Deterministic, not a timing test: the Python-level work of a call -- lines executed, Python
 function calls and calls into C (sys.settrace + sys.setprofile, in every frame, torch's included)
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import leap_plugin.core.blocks as tiles
-from leap_plugin.core import AngularStats, FeatureCloud, leap_logits
+from leap_plugin.core import LEAP, AngularStats, FeatureCloud, LEAPOptions, leap_logits
 
 SLACK = 16  # events a size-dependent branch may add; a loop adds >= 500 (B) or >= 9,990 (C)
 DIM = 16
@@ -116,6 +116,27 @@ def test_leap_logits_forward_backward_has_no_loop(margin, per_logit, monkeypatch
                  "leap_logits + backward, B = 8 vs 512")
     _assert_flat(_logits(16, 10, margin, per_logit), _logits(16, 10_000, margin, per_logit),
                  "leap_logits + backward, C = 10 vs 10,000")
+
+
+def _leap_step(batch, num_classes, seed):
+    """One training step of the core LEAP object: observe, cloud std, alpha, metrics."""
+    stats = _stats(num_classes)
+    leap = LEAP(stats.class_counts, DIM, LEAPOptions(version="vanilla", head_threshold=5, memory_factor=2), seed=seed)
+    leap.stats.load_state_dict(stats.state_dict())
+    feats, labels = _batch(batch, num_classes)
+
+    def step():
+        angles = leap.observe(feats, labels)
+        std, ref = leap.cloud_std(labels)
+        leap.record_metrics(angles, std, leap.alpha(std, num_logits=num_classes, labels=labels), ref)
+    return python_events(step)
+
+
+@pytest.mark.parametrize("seed", [None, 3], ids=["torch-rng", "keyed"])
+def test_leap_step_has_no_loop(seed, monkeypatch):
+    monkeypatch.setattr(tiles, "BLOCK_ELEMENTS", 1 << 40)  # as above: no cache tiles
+    _assert_flat(_leap_step(8, 50, seed), _leap_step(512, 50, seed), "LEAP step, B = 8 vs 512")
+    _assert_flat(_leap_step(64, 10, seed), _leap_step(64, 10_000, seed), "LEAP step, C = 10 vs 10,000")
 
 
 def test_the_counter_sees_a_loop_over_labels():
