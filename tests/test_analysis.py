@@ -1,6 +1,5 @@
 """leap_plugin.analysis (the paper's Section 1 measurement) and tools/analyze.py, against
 independent references: a per-class Python loop, t-table values, features built at known angles."""
-import importlib.util
 import json
 import math
 import os
@@ -10,9 +9,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from leap_plugin.analysis import (_neighbour_classes, class_angles, head_tail_summary, load_run, mean_ci,
+from leap_plugin.analysis import (_neighbour_classes, class_angles, head_tail_summary, mean_ci,
                                   plot_angle_distributions, plot_tsne, plot_variance_bars)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,7 +6,7 @@
 The paper's four subsets: (--num-head, --num-tail) = (5000, 10000), (5000, 20000), (3000, 10000),
 (3000, 20000), --tail-images 5. The output is read by arcface_torch (MXFaceDataset and DALI)
 unchanged: set ``config.rec`` to --dst and use the printed num_classes / num_image.
-The logic is leap_plugin.insightface.longtail.make_longtail_rec.
+The logic is leap_plugin.insightface.ms1m.make_longtail_rec.
 """
 import argparse
 import sys
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from leap_plugin.insightface.longtail import make_longtail_rec  # noqa: E402
+from leap_plugin.insightface.ms1m import make_longtail_rec  # noqa: E402
 
 
 def parse_args(argv=None):

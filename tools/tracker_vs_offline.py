@@ -41,7 +41,8 @@ def main():
     ap.add_argument("runs")
     ap.add_argument("--out", default="docs/tracker_vs_offline.png")
     args = ap.parse_args()
-    variants = sorted(d for d in os.listdir(args.runs) if glob.glob(os.path.join(args.runs, d, "seed*", "model_final.pth")))
+    variants = sorted(d for d in os.listdir(args.runs)
+                      if glob.glob(os.path.join(args.runs, d, "seed*", "model_final.pth")))
     rows = {}
     for name in variants:
         with open(os.path.join(args.runs, name, "seed0", "config.yaml")) as f:

@@ -166,7 +166,8 @@ class _LEAPLogits(torch.autograd.Function):
                 d_cosine.scatter_(1, column, torch.where(no_target, d_cosine.gather(1, column), dc_y))
         if grads[1]:
             d_alpha.scatter_(1, column, torch.where(no_target, d_alpha.gather(1, column), da_y))
-        ctx.scale, ctx.alpha_shape, ctx.straight_through = scale, None if alpha is None else alpha.shape, straight_through
+        ctx.scale, ctx.straight_through = scale, straight_through
+        ctx.alpha_shape = None if alpha is None else alpha.shape
         # the [B, C] derivative is kept off saved_tensors: the backward multiplies the incoming
         # gradient into it in place (no second [B, C] buffer), so it serves one backward only
         ctx.d_cosine, ctx.has_d_cosine = d_cosine, d_cosine is not None

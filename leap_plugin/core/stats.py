@@ -29,7 +29,8 @@ from torch import nn
 from . import integrity
 from .options import ANGLE_REFERENCES, ANGLES_TO, CENTER_DTYPES, CENTER_RATE_WEIGHTS, canonical, check_option  # noqa: F401
 
-__all__ = ["AngularStats", "check_class_counts", "CENTER_DTYPES", "ANGLE_REFERENCES", "CENTER_RATE_WEIGHTS", "ANGLES_TO"]
+__all__ = ["AngularStats", "check_class_counts", "CENTER_DTYPES", "ANGLE_REFERENCES", "CENTER_RATE_WEIGHTS",
+           "ANGLES_TO"]
 
 
 def require(ok: torch.Tensor, message) -> None:

@@ -22,7 +22,8 @@ Protocol (fixed, identity-disjoint, the same on every machine):
 The source is found in this order: the ``OMNIGLOT_ROOT`` environment variable (a folder or a
 zip), ``<datasets root>/omniglot/`` (a folder or ``images_background_small1.zip``), the copy in
 ``../shared/data/omniglot/`` beside this repository, and finally a download of
-``images_background_small1.zip`` (into ``<datasets root>/omniglot/``) from the public brendenlake/omniglot repository, checked by
+``images_background_small1.zip`` (into ``<datasets root>/omniglot/``) from the public
+brendenlake/omniglot repository, checked by
 sha256.
 """
 import hashlib

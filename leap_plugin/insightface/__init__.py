@@ -8,7 +8,7 @@
 
 ``tools/train_arcface_leap.py`` runs an unmodified arcface_torch ``train_v2.py`` with the loss
 swapped in. The RecordIO / long-tailed subset tools are the submodules ``recordio`` and
-``longtail`` (imported on their own: they are not needed for training).
+``ms1m`` (imported on their own: they are not needed for training).
 """
 from ..core.noise import keyed_normal
 from .loss import LEAPMarginLoss, class_block

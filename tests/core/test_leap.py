@@ -25,8 +25,8 @@ def test_options_default_to_the_option_list_and_convert():
     ({"center_rate": 1.0}, r"MODEL\.HEADS\.LEAP\.CENTER_RATE=1\.0 is invalid: expected a value in \[0, 1\)"),
     ({"alpha_per_logit": 1}, r"MODEL\.HEADS\.LEAP\.ALPHA_PER_LOGIT=1 is invalid: expected True or False"),
     ({"center_dtype": "half"}, r"MODEL\.HEADS\.LEAP\.CENTER_DTYPE='half' is invalid"),
-    ({"version": "vanilla"}, r"MODEL\.HEADS\.LEAP\.HEAD_THRESHOLD must be set \(>= 0\) for MODEL\.HEADS\.LEAP\.VERSION"),
-    ({"memory": 2}, r"unknown LEAP option\(s\) \['MODEL\.HEADS\.LEAP\.MEMORY'\]; known: \['MODEL\.HEADS\.LEAP\.VERSION'"),
+    ({"version": "vanilla"}, r"MODEL\.HEADS\.LEAP\.HEAD_THRESHOLD must be set \(>= 0\) for MODEL\.HEADS\.LEAP\."),
+    ({"memory": 2}, r"unknown LEAP option\(s\) \['MODEL\.HEADS\.LEAP\.MEMORY'\]; known: \['MODEL\.HEADS\.LEAP\."),
 ])
 def test_errors_name_the_users_key(values, match):
     with pytest.raises(ValueError, match=match):

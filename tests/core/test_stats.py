@@ -195,7 +195,8 @@ def test_angles_to_a_given_reference_instead_of_the_centre():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(class_counts=torch.tensor([2]), feat_dim=4, center_dtype=torch.int8), "center_dtype=torch.int8 is invalid: expected one of"),
+    (dict(class_counts=torch.tensor([2]), feat_dim=4, center_dtype=torch.int8),
+     "center_dtype=torch.int8 is invalid: expected one of"),
     (dict(class_counts=torch.tensor([2, 0]), feat_dim=4), "class_counts must be positive"),
     (dict(class_counts=torch.tensor([2, -1]), feat_dim=4), "class_counts must be positive"),
     (dict(class_counts=torch.tensor([2.0]), feat_dim=4), "class_counts must be a non-empty 1-D integer"),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from leap_plugin.insightface.longtail import make_longtail_rec, write_ms1m
+from leap_plugin.insightface.ms1m import make_longtail_rec, write_ms1m
 from leap_plugin.insightface.recordio import IndexedRecordWriter
 
 sys.path.insert(0, str(Path(__file__).parent))

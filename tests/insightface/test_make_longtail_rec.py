@@ -1,4 +1,4 @@
-"""tools/make_longtail_rec.py and leap_plugin.insightface.longtail on a small MS1M-style rec."""
+"""tools/make_longtail_rec.py and leap_plugin.insightface.ms1m on a small MS1M-style rec."""
 import importlib.util
 import subprocess
 import sys
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from leap_plugin.core.longtail import longtail_split
-from leap_plugin.insightface.longtail import PAPER_SUBSETS, make_longtail_rec, write_ms1m
+from leap_plugin.insightface.ms1m import PAPER_SUBSETS, make_longtail_rec, write_ms1m
 from leap_plugin.insightface.recordio import IndexedRecordReader, IndexedRecordWriter, unpack
 
 REPO = Path(__file__).resolve().parents[2]
