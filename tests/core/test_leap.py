@@ -123,3 +123,11 @@ def test_metrics_against_a_naive_computation():
     assert math.isclose(float(metrics["leap/head_mean_angle"]), 0.25, rel_tol=1e-6)  # NaN row counts as 0
     kept = leap.record_metrics(None, std, None, torch.tensor(0.3))  # a step without an update
     assert kept["leap/tail_mean_angle"] == metrics["leap/tail_mean_angle"] and kept["leap/cloud_fraction"] == 0
+
+
+def test_the_readme_lists_every_option():
+    """The option list is written once in code; the README's table must name each one."""
+    import os
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")) as f:
+        table = [line for line in f if line.startswith("| `")]
+    assert [o.name for o in OPTIONS] == [line.split("`")[1] for line in table[:len(OPTIONS)]]
