@@ -67,20 +67,13 @@ def face_config(subset: str, margin: str, leap: bool):
     config.val_targets = ["lfw", "cfp_fp", "agedb_30"]
     config.leap = None
     if leap:
+        # the LEAP options that differ from the face loss's defaults (README "Options";
+        # leap_plugin/insightface/loss.py FACE_DEFAULTS: centres every 5 iterations, Section 4.3;
+        # angles to the centre before its update; 16-bit centres)
         config.leap = dict(
             version="vanilla",  # Table 6: LEAP-CV / LEAP-AV
             head_threshold=TAIL_IMAGES,  # K_i > 5: a head class (ours; tail classes have exactly 5)
-            memory_factor=1,  # P (ours)
-            center_rate=0.1,  # gamma
-            center_rate_weights="batch_mean",  # gamma = the step toward the batch mean (docs/choices.md)
             start_epoch=2 * CYCLE_EPOCHS,  # the start of the third cycle
-            update_every=5,  # centres every 5 iterations (Section 4.3)
-            alpha_per_logit=True,  # alpha_x in R^{1 x C}
-            target_only=False,  # Eq. 7 / 8: alpha on every logit
-            signed_alpha=True,  # alpha ~ N(0, s^2)
-            min_angles=2,  # angles before a class's variance counts (ours: the least a variance needs)
-            angle_reference="previous_center",  # Eq. 3: angles to the EMA centre before this update
-            center_dtype="float16",  # centres stored in 16 bits: statistics < the FC weight per rank
             # arcface_torch's ArcFace passes the gradient straight through the margin: keep that so
             # that LEAP-AV differs from the ArcFace baseline by the cloud only
             straight_through=margin == "arcface",
