@@ -230,22 +230,14 @@ def test_decoding_matches_mxnet(mxnet_env, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def host_roc(tmp_path_factory):
+def host_roc(arcface_torch):
     """arcface_torch's own accuracy code (eval/verification.py ``calculate_roc``, as its
     ``evaluate`` calls it), read from the file with the AST and run as it is; only its mxnet
     imports (used by load_bin) are left out. (Its ``evaluate`` also computes VAL@FAR with
     scipy's interp1d, which current scipy rejects on repeated FAR values: not the accuracy.)"""
     import ast
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_margin import arcface_torch_dir
-
-    root = arcface_torch_dir(tmp_path_factory.mktemp("insightface"), ("eval/verification.py",))
-    if root is None:
-        pytest.skip("no arcface_torch checkout: set INSIGHTFACE_ROOT to compare with its calculate_roc()")
-    tree = ast.parse((root / "eval" / "verification.py").read_text())
+    tree = ast.parse((arcface_torch / "eval" / "verification.py").read_text())
     keep = [node for node in tree.body
             if (isinstance(node, (ast.Import, ast.ImportFrom)) and "mxnet" not in ast.dump(node))
             or (isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in (
