@@ -142,16 +142,28 @@ def load_bin_as_host(path, image_size):
     return [data, torch.flip(data, dims=[3])], [bool(v) for v in issame]
 
 
-def _placeholder_attribute(name: str):
-    """An attribute of the placeholder ``mxnet``: a function that raises saying why (dunder names,
-    which tools like ``inspect`` probe, are absent)."""
-    if name.startswith("__"):
-        raise AttributeError(name)
+class _Missing:
+    """A name from the placeholder ``mxnet``: using it (call or attribute) raises, saying why."""
 
-    def missing(*args, **kwargs):
-        raise ImportError(f"mxnet.{name}: mxnet is not importable here; leap_plugin.insightface.compat "
+    def __init__(self, name: str):
+        self._name = name
+
+    def _fail(self, *args, **kwargs):
+        raise ImportError(f"{self._name}: mxnet is not importable here; leap_plugin.insightface.compat "
                           f"replaced arcface_torch's uses of it, this one is not covered")
-    return missing
+
+    __call__ = _fail
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        self._fail()
+
+
+def _placeholder_attribute(name: str) -> _Missing:
+    if name.startswith("__"):  # dunder names, which tools like ``inspect`` probe, are absent
+        raise AttributeError(name)
+    return _Missing(f"mxnet.{name}")
 
 
 def _records_without_mxnet() -> bool:

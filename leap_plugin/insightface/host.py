@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Tuple
 
-__all__ = ["USER_ROOT", "find_arcface_torch", "locate_arcface_torch", "prepare", "load_train_v2", "write_config"]
+__all__ = ["USER_ROOT", "find_arcface_torch", "locate_arcface_torch", "prepare", "load_train_v2", "write_config",
+           "load_backbone"]
 
 USER_ROOT = Path("~/.cache/leap-plugin/insightface")
 
@@ -105,3 +106,15 @@ def write_config(path, **settings) -> Path:
     path.write_text(f'"""Written by leap_plugin.insightface.host.write_config."""\nfrom easydict import EasyDict as edict\n\n'
                     f"config = edict()\n{body}")
     return path
+
+
+def load_backbone(arcface: Path, network: str, embedding_size: int, weights) -> "torch.nn.Module":
+    """arcface_torch's ``get_model(network)`` with the weights train_v2 saved (``model.pt``), in eval
+    mode on CPU."""
+    import torch
+    if str(arcface) not in sys.path:
+        sys.path.insert(0, str(arcface))
+    backbones = importlib.import_module("backbones")
+    model = backbones.get_model(network, dropout=0.0, fp16=False, num_features=embedding_size)
+    model.load_state_dict(torch.load(weights, map_location="cpu"))
+    return model.eval()

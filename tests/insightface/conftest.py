@@ -138,3 +138,19 @@ def tiny_face(tmp_path_factory) -> Path:
                     "--dst", str(root / "lt"), "--num-head", "4", "--num-tail", "8", "--tail-images", "5",
                     "--no-progress"], check=True, capture_output=True, text=True, timeout=300)
     return root / "lt"
+
+
+@pytest.fixture
+def host_modules(arcface_torch, tmp_path):
+    """arcface_torch first on sys.path for one test; sys.path / sys.modules restored after it (the host's
+    modules, and what compat patched in them, are gone afterwards)."""
+    path, modules = list(sys.path), dict(sys.modules)
+    sys.path.insert(0, str(arcface_torch))
+    yield arcface_torch
+    sys.path[:] = path
+    for name in set(sys.modules) - set(modules):  # only arcface_torch's
+        origin = str(getattr(sys.modules[name], "__file__", "") or "")
+        if origin.startswith((str(arcface_torch), str(tmp_path))) or \
+                name.split(".")[0] in ("configs", "utils", "eval"):
+            del sys.modules[name]
+    sys.modules.update(modules)

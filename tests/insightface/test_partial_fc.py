@@ -40,19 +40,6 @@ def world1(monkeypatch):
     dist.destroy_process_group()
 
 
-@pytest.fixture
-def host_modules(arcface, tmp_path):
-    """arcface_torch on the path for one test; sys.path / sys.modules restored after it."""
-    path, modules = list(sys.path), dict(sys.modules)
-    yield arcface
-    sys.path[:] = path
-    for name in set(sys.modules) - set(modules):  # only arcface_torch's
-        origin = str(getattr(sys.modules[name], "__file__", "") or "")
-        if origin.startswith((str(arcface), str(tmp_path))) or name.split(".")[0] in ("configs", "utils", "eval"):
-            del sys.modules[name]
-    sys.modules.update(modules)
-
-
 def _load(arcface, name):
     import importlib.util
     spec = importlib.util.spec_from_file_location(f"host_{name}", Path(arcface) / f"{name}.py")
