@@ -27,7 +27,7 @@ from scipy import stats as scipy_stats
 
 from .core.stats import unit_angle
 
-__all__ = ["class_angles", "mean_ci", "head_tail_summary", "load_run", "plot_angle_distributions",
+__all__ = ["class_angles", "mean_std", "mean_ci", "head_tail_summary", "load_run", "plot_angle_distributions",
            "plot_variance_bars", "plot_tsne"]
 
 HEAD_COLOUR, TAIL_COLOUR = "tab:blue", "tab:orange"
@@ -90,6 +90,14 @@ def class_angles(features, labels):
     sq_dev = beta.new_zeros(num_classes).index_add_(0, inverse, (beta - mean[inverse]) ** 2)
     var = torch.where(n >= 2, sq_dev / (n - 1).clamp(min=1), torch.full_like(n, math.nan))
     return angles, classes, var, count
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (0 for a single value) of a list of numbers."""
+    values = [float(v) for v in values]
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
 
 
 def mean_ci(values, level: float = 0.95):

@@ -2,6 +2,7 @@
 """The main job: FastReID's CosFace baseline vs LEAP-CF on a real long-tailed split, 3 seeds.
 
     python tools/demo.py [--out results/demo] [--seeds 0 1 2] [--arcface] [--val] [--force]
+    python tools/demo.py --face [--val] ...    # the face job: arcface_torch's train_v2 (tools/demo_face.py)
 
 Each run is ``tools/train_net.py`` with a config from configs/fastreid/Omniglot_LT/ (FastReID's
 trainer, sampler and evaluator; the seed sets both the long-tailed split and the training RNGs, so
@@ -19,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -31,6 +31,8 @@ from tqdm import tqdm
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
+
+from leap_plugin.analysis import mean_std  # noqa: E402
 
 METHODS = {"cosface": "CosFace", "leap_cf": "LEAP-CF", "arcface": "ArcFace", "leap_af": "LEAP-AF"}
 METRICS = ("Rank-1", "mAP", "mINP")
@@ -88,10 +90,6 @@ def analyse(method, seed, run_dir, val, extra_opts=()):
         return json.load(f)
 
 
-def mean_std(values):
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def fmt(values, scale=1.0, digits=1):
     m, s = mean_std([v * scale for v in values])
     return f"{m:.{digits}f} ± {s:.{digits}f}"
@@ -99,12 +97,19 @@ def fmt(values, scale=1.0, digits=1):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=os.path.join(REPO, "results", "demo"))
+    ap.add_argument("--out", default=None, help="output folder (default results/demo, --face: results/demo-face)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--arcface", action="store_true", help="also ArcFace and LEAP-AF")
     ap.add_argument("--val", action="store_true", help="validation protocol (hyper-parameter choice)")
     ap.add_argument("--force", action="store_true", help="rerun finished runs")
+    ap.add_argument("--face", action="store_true",
+                    help="the face job instead: CosFace vs LEAP-CV with arcface_torch's train_v2 (demo_face.py)")
     args = ap.parse_args()
+    if args.face:
+        import demo_face
+        return demo_face.main(args.out or os.path.join(REPO, "results", "demo-face"), args.seeds, args.val,
+                              args.force)
+    args.out = args.out or os.path.join(REPO, "results", "demo")
     out = os.path.abspath(args.out + ("-val" if args.val else ""))
     os.makedirs(out, exist_ok=True)
     os.environ.setdefault("FASTREID_DATASETS", os.path.join(REPO, "datasets"))

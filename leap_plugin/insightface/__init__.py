@@ -7,8 +7,11 @@
   ``.bin`` pair files (LFW, CFP-FP, AgeDB-30, ...), numpy/OpenCV/scikit-learn, no mxnet.
 
 ``tools/train_arcface_leap.py`` runs an unmodified arcface_torch ``train_v2.py`` with the loss
-swapped in. The RecordIO / long-tailed subset tools are the submodules ``recordio`` and
-``ms1m`` (imported on their own: they are not needed for training).
+swapped in: ``host`` finds and loads arcface_torch, ``compat`` patches the host for this environment
+(CPU/gloo, no mxnet, torch 2.x, scipy), ``session`` wires the loss into train_v2's names,
+``schedule`` is the triangular LR, ``class_counts`` reads K_i. ``omniglot`` writes the Omniglot face
+benchmark (``train.rec`` and ``.bin`` pairs). The RecordIO / long-tailed subset tools are the
+submodules ``recordio`` and ``ms1m``. All of these are imported on their own, not by this package.
 """
 from ..core.noise import keyed_normal
 from .loss import LEAPMarginLoss, class_block

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import KFold
 
-__all__ = ["evaluate_bin", "load_bin", "verification_accuracy", "embed", "VerificationResult",
+__all__ = ["evaluate_bin", "load_bin", "verification_accuracy", "tar_at_far", "embed", "VerificationResult",
            "THRESHOLDS"]
 
 THRESHOLDS = np.arange(0, 4, 0.01)
@@ -133,6 +133,27 @@ def verification_accuracy(embeddings: np.ndarray, issame: Sequence[bool], folds:
         best[fold] = thresholds[int(np.argmax(train_acc))]
         accuracies[fold] = _accuracy(best[fold], dist[test], issame[test])
     return VerificationResult(float(np.mean(accuracies)), float(np.std(accuracies)), accuracies, best)
+
+
+def tar_at_far(embeddings: np.ndarray, issame: Sequence[bool], far: float) -> Tuple[float, float]:
+    """TAR at a FAR: the share of same pairs accepted at the largest threshold that accepts at most a
+    fraction ``far`` of the different pairs (a pair is accepted when its squared distance of the
+    l2-normalised embeddings is strictly below the threshold; all pairs, no folds).
+
+    Returns (TAR, the FAR reached). With N different pairs the FAR moves in steps of 1 / N: a ``far``
+    below 1 / N is met at FAR 0.
+    """
+    issame = np.asarray(issame, dtype=bool)
+    embeddings = np.asarray(embeddings, dtype=np.float64)
+    if embeddings.shape[0] != 2 * issame.shape[0] or issame.all() or not issame.any():
+        raise ValueError(f"need [2 * pairs, D] embeddings and both same and different pairs, got "
+                         f"{embeddings.shape} for {issame.sum()} same / {(~issame).sum()} different pairs")
+    normed = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    dist = np.sum(np.square(normed[0::2] - normed[1::2]), axis=1)
+    negatives = np.sort(dist[~issame])
+    allowed = int(np.floor(far * negatives.size + 1e-9))  # false accepts allowed
+    threshold = negatives[allowed] if allowed < negatives.size else np.inf
+    return float(np.mean(dist[issame] < threshold)), float(np.mean(negatives < threshold))
 
 
 def evaluate_bin(model: torch.nn.Module, bin_path, image_size=(112, 112), batch_size: int = 64,

@@ -1,4 +1,9 @@
-"""The real mxnet 1.9.1, in a venv of its own, for the RecordIO cross-checks.
+"""Fixtures of the InsightFace tests: arcface_torch (the host), a tiny Omniglot face set, and the real
+mxnet 1.9.1 in a venv of its own for the RecordIO cross-checks.
+
+arcface_torch is found by ``leap_plugin.insightface.host.locate_arcface_torch``: ``$INSIGHTFACE_ROOT``,
+else ``~/.cache/leap-plugin/insightface`` (an insightface checkout or its arcface_torch folder); the
+tests that need it skip, saying so, where there is none.
 
 mxnet 1.9.1 imports only with numpy < 1.24, so it cannot live in the project's .venv (numpy 2).
 The session fixture ``mxnet_env`` creates ``.venv-mxnet`` at the repository root once
@@ -24,6 +29,8 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
+
+from leap_plugin.insightface.host import locate_arcface_torch
 
 REPO = Path(__file__).resolve().parents[2]
 MXNET_REQUIREMENTS = ("numpy==1.23.5", "mxnet==1.9.1", "opencv-python-headless==4.8.1.78")
@@ -98,3 +105,52 @@ def mxnet_env() -> MXNetEnv:
             return MXNetEnv(_create_venv(path))
         except (OSError, RuntimeError) as exc:
             return MXNetEnv(None, f"could not create the mxnet venv at {path}: {exc}")
+
+
+@pytest.fixture(scope="session")
+def arcface_lookup():
+    """(arcface_torch folder, "") or (None, why there is none)."""
+    try:
+        return locate_arcface_torch(), ""
+    except FileNotFoundError as error:
+        return None, str(error)
+
+
+@pytest.fixture(scope="session")
+def arcface_torch(arcface_lookup) -> Path:
+    """arcface_torch's folder; the test skips with the reason where there is none."""
+    root, reason = arcface_lookup
+    if root is None:
+        pytest.skip(reason)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_face(tmp_path_factory) -> Path:
+    """A tiny long-tailed face set from the shared Omniglot images: the test-split ``train.rec``
+    (102 characters) cut by ``tools/make_longtail_rec.py`` to 4 head characters (20 images) and 8
+    tail characters (5 images), and ``omniglot_test.bin``: 68 pairs of the never-trained test
+    characters (symlinked beside ``train.rec``, where arcface_torch looks for it)."""
+    from leap_plugin.insightface.omniglot import make_omniglot_face
+    root = tmp_path_factory.mktemp("face")
+    make_omniglot_face(root / "source", "test", pairs_per_character=1)
+    subprocess.run([sys.executable, str(REPO / "tools" / "make_longtail_rec.py"), "--src", str(root / "source"),
+                    "--dst", str(root / "lt"), "--num-head", "4", "--num-tail", "8", "--tail-images", "5",
+                    "--no-progress"], check=True, capture_output=True, text=True, timeout=300)
+    return root / "lt"
+
+
+@pytest.fixture
+def host_modules(arcface_torch, tmp_path):
+    """arcface_torch first on sys.path for one test; sys.path / sys.modules restored after it (the host's
+    modules, and what compat patched in them, are gone afterwards)."""
+    path, modules = list(sys.path), dict(sys.modules)
+    sys.path.insert(0, str(arcface_torch))
+    yield arcface_torch
+    sys.path[:] = path
+    for name in set(sys.modules) - set(modules):  # only arcface_torch's
+        origin = str(getattr(sys.modules[name], "__file__", "") or "")
+        if origin.startswith((str(arcface_torch), str(tmp_path))) or \
+                name.split(".")[0] in ("configs", "utils", "eval"):
+            del sys.modules[name]
+    sys.modules.update(modules)

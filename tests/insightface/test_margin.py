@@ -3,9 +3,6 @@ float64 formula and arcface_torch's own CombinedMarginLoss), the cloud when on, 
 import copy
 import importlib.util
 import math
-import os
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,38 +13,9 @@ from leap_plugin.insightface import LEAPMarginLoss
 
 S = 64.0
 ARC_M, COS_M = 0.5, 0.35
-MIRROR = Path(os.environ.get("INSIGHTFACE_MIRROR", "/work/.mirror/deepinsight+insightface/repo"))
-
-
-def arcface_torch_dir(tmp_dir: Path, files=("losses.py", "partial_fc_v2.py")):
-    """An arcface_torch folder: $INSIGHTFACE_ROOT (checkout or its arcface_torch folder), else the
-    listed files extracted from a fetched git mirror of deepinsight/insightface; None if neither."""
-    env = os.environ.get("INSIGHTFACE_ROOT")
-    if env:
-        for candidate in (Path(env), Path(env) / "recognition" / "arcface_torch"):
-            if all((candidate / f).is_file() for f in files):
-                return candidate
-    if MIRROR.is_dir():
-        out = tmp_dir / "arcface_torch"
-        try:
-            for f in files:
-                command = ["git", "--git-dir", str(MIRROR), "show", f"HEAD:recognition/arcface_torch/{f}"]
-                text = subprocess.run(command, check=True, capture_output=True).stdout
-                (out / f).parent.mkdir(parents=True, exist_ok=True)
-                (out / f).write_bytes(text)
-            return out
-        except (OSError, subprocess.CalledProcessError):
-            return None
-    return None
-
-
 @pytest.fixture(scope="module")
-def host_losses(tmp_path_factory):
-    root = arcface_torch_dir(tmp_path_factory.mktemp("insightface"))
-    if root is None:
-        pytest.skip("no arcface_torch checkout: set INSIGHTFACE_ROOT to an insightface checkout "
-                    "(or its recognition/arcface_torch folder) to compare with CombinedMarginLoss")
-    spec = importlib.util.spec_from_file_location("arcface_torch_losses", root / "losses.py")
+def host_losses(arcface_torch):
+    spec = importlib.util.spec_from_file_location("arcface_torch_losses", arcface_torch / "losses.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

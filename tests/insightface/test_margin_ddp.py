@@ -16,7 +16,6 @@ unchanged (CPU), which is the only change: the module, its sampling and its coll
 import importlib.util
 import os
 import socket
-import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -169,11 +168,8 @@ def _free_port():
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_margin import arcface_torch_dir  # noqa: E402  (same folder)
-
-    arcface = arcface_torch_dir(tmp_path_factory.mktemp("insightface"))
+def ranks(tmp_path_factory, arcface_lookup):
+    arcface, _ = arcface_lookup
     out = tmp_path_factory.mktemp("ddp")
     mp.spawn(_worker, args=(_free_port(), str(out), str(arcface) if arcface else ""), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)], arcface
@@ -236,10 +232,10 @@ def test_sharded_equals_single_process(ranks, per_logit, sampled):
 
 
 @pytest.mark.parametrize("case", [(True, 1.0), (True, SAMPLE_RATE), (False, SAMPLE_RATE)])
-def test_real_partial_fc_v2_equals_single_process(ranks, case):
+def test_real_partial_fc_v2_equals_single_process(ranks, arcface_lookup, case):
     results, arcface = ranks
     if not arcface:
-        pytest.skip("no arcface_torch checkout: set INSIGHTFACE_ROOT to run the real PartialFC_V2")
+        pytest.skip(f"the real PartialFC_V2 needs arcface_torch: {arcface_lookup[1]}")
     per_logit, rate = case
     runs = [r[("pfc", per_logit, rate)] for r in results]
     assert any(k.startswith("margin_softmax.stats.") for k in runs[0]["pfc_keys"])  # in its checkpoint

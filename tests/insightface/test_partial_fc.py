@@ -1,12 +1,11 @@
 """arcface_torch's real PartialFC_V2 with LEAPMarginLoss in one process (a world-1 gloo group, as
-single-GPU training), train_v2's checkpoint/resume, and tools/train_arcface_leap.py's wrappers
-around the host's own modules.
+single-GPU training), train_v2's checkpoint/resume, and the wrappers of
+``leap_plugin.insightface.session`` around the host's own modules.
 
-Needs an arcface_torch checkout ($INSIGHTFACE_ROOT, or a fetched mirror): skipped otherwise.
+Needs arcface_torch (the ``arcface_torch`` fixture, conftest.py): skipped otherwise.
 PartialFC_V2 calls ``Tensor.cuda()`` on a few buffers; here that returns the tensor (CPU).
 The configs import ``easydict`` (an arcface_torch requirement, pinned in requirements.txt).
 """
-import os
 import sys
 import weakref
 from pathlib import Path
@@ -16,26 +15,20 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from leap_plugin.insightface import LEAPMarginLoss
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_margin import arcface_torch_dir  # noqa: E402  (same folder)
+from leap_plugin.insightface import LEAPMarginLoss, compat
+from leap_plugin.insightface.class_counts import (class_counts_from_dataset, class_counts_from_rec,
+                                                  read_class_counts)
+from leap_plugin.insightface.host import prepare
+from leap_plugin.insightface.session import Session
 
 REPO = Path(__file__).resolve().parents[2]
 # the host's own code warns on this torch / Python (torch.cuda.amp.autocast, "is" with a literal)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::SyntaxWarning")
-HOST_FILES = ("train_v2.py", "partial_fc_v2.py", "losses.py", "lr_scheduler.py", "dataset.py",
-              "configs/__init__.py", "configs/base.py", "utils/__init__.py", "utils/utils_config.py",
-              "utils/utils_callbacks.py", "utils/utils_logging.py", "utils/utils_distributed_sampler.py",
-              "eval/__init__.py", "eval/verification.py")
 
 
 @pytest.fixture(scope="module")
-def arcface(tmp_path_factory):
-    root = arcface_torch_dir(tmp_path_factory.mktemp("insightface"), HOST_FILES)
-    if root is None:
-        pytest.skip("no arcface_torch checkout: set INSIGHTFACE_ROOT to an insightface checkout")
-    return root
+def arcface(arcface_torch):
+    return arcface_torch
 
 
 @pytest.fixture
@@ -45,19 +38,6 @@ def world1(monkeypatch):
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield
     dist.destroy_process_group()
-
-
-@pytest.fixture
-def host_modules(arcface, tmp_path):
-    """arcface_torch on the path for one test; sys.path / sys.modules restored after it."""
-    path, modules = list(sys.path), dict(sys.modules)
-    yield arcface
-    sys.path[:] = path
-    for name in set(sys.modules) - set(modules):  # only arcface_torch's
-        origin = str(getattr(sys.modules[name], "__file__", "") or "")
-        if origin.startswith((str(arcface), str(tmp_path))) or name.split(".")[0] in ("configs", "utils"):
-            del sys.modules[name]
-    sys.modules.update(modules)
 
 
 def _load(arcface, name):
@@ -146,13 +126,7 @@ def test_attach_checks_the_module(arcface, world1):
         host(*_batch(0))
 
 
-# ---------------------------------------------------------------- tools/train_arcface_leap.py
-
-def _tool():
-    sys.path.insert(0, str(REPO / "tools"))
-    import train_arcface_leap
-    return train_arcface_leap
-
+# ---------------------------------------------------------------- leap_plugin.insightface.session
 
 def _train_v2_namespace(arcface):
     """train_v2.py's globals as its own ``from X import Y`` lines make them (run for real, read
@@ -169,13 +143,12 @@ def _train_v2_namespace(arcface):
     return namespace
 
 
-def test_tool_wires_leap_into_the_hosts_modules(host_modules, world1, tmp_path):
-    tool = _tool()
+def test_session_wires_leap_into_the_hosts_modules(host_modules, world1, tmp_path):
     config = REPO / "configs" / "insightface" / "ms1m_h3k_t10k_r18_arcface_leap.py"
-    arcface, config_arg = tool.prepare(host_modules, str(config))
+    arcface, config_arg = prepare(host_modules, str(config))
     assert config_arg == "configs/ms1m_h3k_t10k_r18_arcface_leap.py"  # what train_v2's get_config gets
     ns = _train_v2_namespace(arcface)
-    session = tool.Session()
+    session = Session()
     rebound = session.patch(ns)
     assert {"get_config", "CombinedMarginLoss", "PartialFC_V2", "PolynomialLRWarmup"} <= set(rebound)
     import losses
@@ -232,55 +205,51 @@ def test_tool_wires_leap_into_the_hosts_modules(host_modules, world1, tmp_path):
     assert lrs[100] == pytest.approx(cfg.lr_min) and lrs[25] == pytest.approx((cfg.lr + cfg.lr_min) / 2)
 
 
-def test_tool_baseline_config_keeps_the_hosts_loss(host_modules, world1):
-    tool = _tool()
+def test_session_baseline_config_keeps_the_hosts_loss(host_modules, world1):
     config = REPO / "configs" / "insightface" / "ms1m_h5k_t20k_r18_cosface.py"
-    arcface, config_arg = tool.prepare(host_modules, str(config))
+    arcface, config_arg = prepare(host_modules, str(config))
     ns = _train_v2_namespace(arcface)
-    tool.Session().patch(ns)
+    Session().patch(ns)
     cfg = ns["get_config"](config_arg)
     assert cfg.leap is None and cfg.margin_list == (1.0, 0.0, 0.35) and cfg.num_classes == 25000
     loss = ns["CombinedMarginLoss"](64, *cfg.margin_list, cfg.interclass_filtering_threshold)
     assert type(loss).__name__ == "CombinedMarginLoss" and loss.m3 == 0.35
 
 
-def test_tool_class_counts(tmp_path):
-    tool = _tool()
+def test_class_counts(tmp_path):
     from PIL import Image
     from torchvision.datasets import ImageFolder
     for name, count in (("a", 3), ("b", 1), ("c", 2)):
         (tmp_path / name).mkdir()
         for i in range(count):
             Image.new("RGB", (4, 4)).save(tmp_path / name / f"{i}.png")
-    counts = tool.class_counts_from_dataset(ImageFolder(str(tmp_path)), 3)
+    counts = class_counts_from_dataset(ImageFolder(str(tmp_path)), 3)
     assert counts.tolist() == [3, 1, 2]
     np.savetxt(tmp_path / "counts.txt", [4, 5, 6], fmt="%d")
-    assert tool.read_class_counts(str(tmp_path / "counts.txt"), 3).tolist() == [4, 5, 6]
+    assert read_class_counts(str(tmp_path / "counts.txt"), 3).tolist() == [4, 5, 6]
     with pytest.raises(ValueError, match="num_classes = 4"):
-        tool.read_class_counts([1, 2, 3], 4)
+        read_class_counts([1, 2, 3], 4)
     with pytest.raises(ValueError, match="class_counts"):
-        tool.class_counts_from_dataset(torch.utils.data.TensorDataset(torch.zeros(2)), 2)
+        class_counts_from_dataset(torch.utils.data.TensorDataset(torch.zeros(2)), 2)
 
 
-def test_tool_class_counts_from_ms1m_rec(tmp_path):
+def test_class_counts_from_ms1m_rec(tmp_path):
     """K_i from the identity records of an MS1M-style train.rec (the layout MXFaceDataset reads)."""
-    from leap_plugin.insightface.longtail import write_ms1m
+    from leap_plugin.insightface.ms1m import write_ms1m
     from leap_plugin.insightface.recordio import IndexedRecordWriter
-    tool = _tool()
     sizes = [4, 1, 3, 5]
     images = [(float(c), b"jpeg-bytes") for c, n in enumerate(sizes) for _ in range(n)]
     with IndexedRecordWriter(tmp_path / "train.idx", tmp_path / "train.rec") as writer:
         write_ms1m(writer, sizes, images)
-    assert tool.class_counts_from_rec(tmp_path, 5).tolist() == [4, 1, 3, 5, 0]
+    assert class_counts_from_rec(tmp_path, 5).tolist() == [4, 1, 3, 5, 0]
     with pytest.raises(ValueError, match="num_classes = 3"):
-        tool.class_counts_from_rec(tmp_path, 3)
+        class_counts_from_rec(tmp_path, 3)
 
 
 def test_all_configs_load(host_modules):
-    tool = _tool()
     names = sorted(p.stem for p in (REPO / "configs" / "insightface").glob("ms1m_*.py"))
     assert len(names) == 16
-    tool.prepare(host_modules, str(REPO / "configs" / "insightface" / f"{names[0]}.py"))
+    prepare(host_modules, str(REPO / "configs" / "insightface" / f"{names[0]}.py"))
     from utils.utils_config import get_config
     for name in names:
         cfg = get_config(f"configs/{name}.py")
@@ -294,31 +263,39 @@ def test_all_configs_load(host_modules):
                                             **cfg.leap)  # every key is a LEAPMarginLoss argument
 
 
-def test_tool_refuses_without_the_hosts_requirements(host_modules):
-    try:
-        import mxnet  # noqa: F401
-        pytest.skip("mxnet is installed: train_v2 would really start")
-    except ImportError:
-        pass
-    tool = _tool()
-    with pytest.raises(SystemExit, match="mxnet"):
-        tool.main(["--insightface-root", str(host_modules),
-                   str(REPO / "configs" / "insightface" / "ms1m_h5k_t10k_r18_cosface_leap.py")])
-
-
-def test_tool_epoch_reaches_the_loss_through_the_logging_callback():
-    """For loaders without a sampler (DALI): train_v2 calls its logging callback every step with
-    ``(global_step, loss_am, epoch, fp16, lr, amp)``; the wrapper passes the epoch on first."""
-    tool = _tool()
-    session = tool.Session()
+def test_session_logging_callback_passes_the_epoch_and_logs_the_statistics(host_modules, world1, caplog):
+    """The host's own CallBackLogging, wrapped: every call tells the loss the epoch (loaders without a
+    sampler, DALI); at its ``frequent`` the LEAP statistics go to the log and the tensorboard writer."""
+    prepare(host_modules, str(REPO / "configs" / "insightface" / "ms1m_h5k_t20k_r18_cosface.py"))
+    compat._records_without_mxnet()  # utils_callbacks imports eval.verification, which imports mxnet
+    from utils.utils_callbacks import CallBackLogging
+    from utils.utils_logging import AverageMeter
+    session = Session()
     loss = LEAPMarginLoss(torch.tensor([3, 3, 3]), 4, start_epoch=2)
     session.losses.append(weakref.ref(loss))
-    calls = []
+    metrics = {"leap/reference_var": torch.tensor(0.25), "leap/cloud_fraction": torch.tensor(0.5),
+               "leap/mean_abs_alpha": torch.tensor(0.125), "leap/tail_mean_angle": torch.tensor(0.75),
+               "leap/head_mean_angle": torch.tensor(1.0)}
+    loss.last_metrics = metrics  # what LEAPMarginLoss refreshes every training step
 
-    class HostCallback:  # the call signature of arcface_torch's CallBackLogging.__call__
-        def __call__(self, global_step, loss, epoch, fp16, learning_rate, grad_scaler):
-            calls.append((global_step, epoch))
+    class Writer:  # SummaryWriter's add_scalar
+        def __init__(self):
+            self.scalars = []
 
-    callback = session.wrap_logging_callback(HostCallback)()
-    callback(7, None, 2, False, 0.1, None)
-    assert calls == [(7, 2)] and loss.leap.epoch == 2 and loss.leap.cloud_active
+        def add_scalar(self, tag, scalar_value, global_step):
+            self.scalars.append((tag, scalar_value, global_step))
+
+    writer = Writer()
+    callback = session.wrap_logging_callback(CallBackLogging)(frequent=2, total_step=10, batch_size=4,
+                                                              writer=writer)
+    meter = AverageMeter()
+    meter.update(1.0)
+    with caplog.at_level("INFO"):
+        for step in (1, 2, 3):
+            callback(step, meter, 2, False, 0.1, None)
+    assert loss.leap.epoch == 2 and loss.leap.cloud_active
+    leap_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("LEAP:")]
+    assert leap_lines == ["LEAP: cloud_fraction 0.5   head_mean_angle 1   mean_abs_alpha 0.125   "
+                          "reference_var 0.25   tail_mean_angle 0.75   Global Step: 2"]
+    ours = sorted(s for s in writer.scalars if s[0].startswith("leap/"))
+    assert ours == sorted((key, float(value), 2) for key, value in metrics.items())

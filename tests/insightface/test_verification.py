@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from leap_plugin.insightface.verification import (THRESHOLDS, evaluate_bin, load_bin,
+from leap_plugin.insightface.verification import (THRESHOLDS, evaluate_bin, load_bin, tar_at_far,
                                                   verification_accuracy)
 
 SIZE = 32
@@ -230,22 +230,14 @@ def test_decoding_matches_mxnet(mxnet_env, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def host_roc(tmp_path_factory):
+def host_roc(arcface_torch):
     """arcface_torch's own accuracy code (eval/verification.py ``calculate_roc``, as its
     ``evaluate`` calls it), read from the file with the AST and run as it is; only its mxnet
     imports (used by load_bin) are left out. (Its ``evaluate`` also computes VAL@FAR with
     scipy's interp1d, which current scipy rejects on repeated FAR values: not the accuracy.)"""
     import ast
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_margin import arcface_torch_dir
-
-    root = arcface_torch_dir(tmp_path_factory.mktemp("insightface"), ("eval/verification.py",))
-    if root is None:
-        pytest.skip("no arcface_torch checkout: set INSIGHTFACE_ROOT to compare with its calculate_roc()")
-    tree = ast.parse((root / "eval" / "verification.py").read_text())
+    tree = ast.parse((arcface_torch / "eval" / "verification.py").read_text())
     keep = [node for node in tree.body
             if (isinstance(node, (ast.Import, ast.ImportFrom)) and "mxnet" not in ast.dump(node))
             or (isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in (
@@ -271,3 +263,19 @@ def test_accuracy_equals_arcface_torch(host_roc, pairs):
     np.testing.assert_allclose(ours.fold_accuracies, accuracy)
     assert ours.accuracy == pytest.approx(np.mean(accuracy)) and ours.std == pytest.approx(np.std(accuracy))
     assert 0.6 < ours.accuracy < 1.0
+
+
+def test_tar_at_far_known_answer():
+    # pairs on a circle: embedding 2i at angle 0, 2i+1 at angle a_i; squared distance 2 - 2 cos a_i
+    angles = np.array([0.1, 0.2, 0.3, 1.0, 0.25, 1.5, 2.0, 2.5, 3.0, 0.15])
+    issame = np.array([True, True, True, True, False, False, False, False, False, False])
+    emb = np.zeros((20, 2))
+    emb[0::2] = [1.0, 0.0]
+    emb[1::2] = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    # different pairs sorted by distance: 0.15, 0.25, 1.5, ...: FAR 0 -> threshold at 0.15's distance
+    assert tar_at_far(emb, issame, 0.0) == (0.25, 0.0)  # only angle 0.1 is closer than 0.15
+    assert tar_at_far(emb, issame, 1 / 6) == (0.5, 1 / 6)  # one false accept allowed: below 0.25
+    assert tar_at_far(emb, issame, 0.1) == (0.25, 0.0)  # 0.1 * 6 < 1 false accept: FAR 0
+    assert tar_at_far(emb, issame, 1.0) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="same and different"):
+        tar_at_far(emb, np.ones(10, bool), 0.1)
