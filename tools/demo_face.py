@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from leap_plugin.analysis import mean_ci, mean_std
@@ -91,7 +90,10 @@ def runs_of(val: bool, seeds):
 
 def main(out, seeds, val: bool, force: bool) -> None:
     out = Path(out + ("-val" if val else ""))
-    arcface = locate_arcface_torch()
+    try:
+        arcface = locate_arcface_torch()
+    except FileNotFoundError as error:
+        raise SystemExit(f"demo --face: {error}") from None
     split = "val" if val else "test"
     results = {}
     start = time.time()

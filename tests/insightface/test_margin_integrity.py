@@ -10,9 +10,10 @@ from easydict import EasyDict as edict
 
 from leap_plugin.core.integrity import StatsStateError
 from leap_plugin.insightface import LEAPMarginLoss
+from leap_plugin.insightface.session import Session
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_partial_fc import _batch, _load, _tool, _train, arcface, world1  # noqa: E402,F401  (fixtures)
+from test_partial_fc import _batch, _load, _train, arcface, world1  # noqa: E402,F401  (fixtures)
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::SyntaxWarning")
 COUNTS = [40, 30, 20, 5, 5, 5, 4, 5, 3]
@@ -46,8 +47,7 @@ def test_resume_with_another_memory_factor_is_refused_naming_the_config_key(arcf
 
 
 def test_reset_stats_resumes_the_model_with_fresh_statistics(arcface, saved):
-    tool = _tool()
-    session = tool.Session()
+    session = Session()
     session.cfg = edict(num_classes=len(COUNTS), embedding_size=8, rec="",
                         leap=dict(class_counts=COUNTS, memory_factor=2, update_every=1, reset_stats=True,
                                   angle_reference="updated_center"))
@@ -71,8 +71,8 @@ def test_corrupt_statistics_are_refused_naming_the_class(arcface, saved):
         pfc.load_state_dict(saved)
 
 
-def test_tool_warns_when_the_cloud_never_switches_on(caplog):
-    session = _tool().Session()
+def test_session_warns_when_the_cloud_never_switches_on(caplog):
+    session = Session()
     session.cfg = edict(num_classes=len(COUNTS), embedding_size=8, rec="", num_epoch=30,
                         leap=dict(class_counts=COUNTS, version="vanilla", head_threshold=40, start_epoch=30))
     session.build_loss(64.0, (1.0, 0.0, 0.35))

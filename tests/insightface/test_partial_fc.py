@@ -6,7 +6,6 @@ Needs arcface_torch (the ``arcface_torch`` fixture, conftest.py): skipped otherw
 PartialFC_V2 calls ``Tensor.cuda()`` on a few buffers; here that returns the tensor (CPU).
 The configs import ``easydict`` (an arcface_torch requirement, pinned in requirements.txt).
 """
-import sys
 import weakref
 from pathlib import Path
 
