@@ -103,12 +103,14 @@ class Session:
             return read_class_counts(counts, cfg.num_classes)
         if self.dataset is not None and hasattr(self.dataset, "targets"):
             return class_counts_from_dataset(self.dataset, cfg.num_classes)
-        try:
-            return class_counts_from_rec(rec, cfg.num_classes)
-        except FileNotFoundError:
-            raise ValueError("the LEAP loss needs the images per class K_i: set config.leap['class_counts'] "
-                             "(a list, or a .npy / text file), or train from an MS1M-style train.rec or "
-                             f"an image folder, where they are counted (config.rec = {rec!r})") from None
+        if rec:
+            try:
+                return class_counts_from_rec(rec, cfg.num_classes)
+            except FileNotFoundError:
+                pass
+        raise ValueError("the LEAP loss needs the images per class K_i: set config.leap['class_counts'] "
+                         "(a list, or a .npy / text file), or train from an MS1M-style train.rec or "
+                         f"an image folder, where they are counted (config.rec = {rec!r})")
 
     def build_loss(self, scale, margin_list, interclass_filtering_threshold=0.0) -> LEAPMarginLoss:
         cfg = self.cfg

@@ -298,3 +298,12 @@ def test_session_logging_callback_passes_the_epoch_and_logs_the_statistics(host_
                           "reference_var 0.25   tail_mean_angle 0.75   Global Step: 2"]
     ours = sorted(s for s in writer.scalars if s[0].startswith("leap/"))
     assert ours == sorted((key, float(value), 2) for key, value in metrics.items())
+
+
+def test_session_without_class_counts_says_how_to_give_them(tmp_path):
+    from easydict import EasyDict as edict
+    session = Session()
+    for rec in ("", str(tmp_path)):  # no config.rec, or a folder without train.rec / train.idx
+        session.cfg = edict(leap={}, rec=rec, num_classes=3, embedding_size=4)
+        with pytest.raises(ValueError, match=r"config.leap\['class_counts'\].*config.rec = "):
+            session.build_loss(64, (1.0, 0.0, 0.35))
