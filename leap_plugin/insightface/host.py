@@ -103,12 +103,12 @@ def write_config(path, **settings) -> Path:
         raise ValueError("a config named base.py would shadow arcface_torch's configs/base.py")
     path.parent.mkdir(parents=True, exist_ok=True)
     body = "".join(f"config.{key} = {value!r}\n" for key, value in settings.items())
-    path.write_text(f'"""Written by leap_plugin.insightface.host.write_config."""\nfrom easydict import EasyDict as edict\n\n'
-                    f"config = edict()\n{body}")
+    path.write_text(f'"""Written by leap_plugin.insightface.host.write_config."""\n'
+                    f"from easydict import EasyDict as edict\n\nconfig = edict()\n{body}")
     return path
 
 
-def load_backbone(arcface: Path, network: str, embedding_size: int, weights) -> "torch.nn.Module":
+def load_backbone(arcface: Path, network: str, embedding_size: int, weights):
     """arcface_torch's ``get_model(network)`` with the weights train_v2 saved (``model.pt``), in eval
     mode on CPU."""
     import torch

@@ -1,7 +1,7 @@
 """Omniglot as a face-recognition benchmark in arcface_torch's formats: a ``train.rec`` and ``.bin``
 verification pairs.
 
-The characters and their roles are the FastReID Omniglot protocol (``leap_plugin.fastreid.omniglot``:
+The characters and their roles are the FastReID Omniglot protocol (``leap_plugin.omniglot``:
 round-robin order over alphabets, position % 4 == 3 test, == 2 validation). Here:
 
 * ``split="test"``: training identities are the characters of roles 0, 1, 2; the pairs come from the
@@ -42,7 +42,7 @@ def _encode(path: str) -> bytes:
 
 def _characters(cache: Path) -> List[List[str]]:
     """Every character's drawing paths (sorted by drawer), in the protocol's round-robin order."""
-    from ..fastreid.omniglot import find_omniglot_source, index_characters, prepare, round_robin
+    from ..omniglot import find_omniglot_source, index_characters, prepare, round_robin
     folder = prepare(find_omniglot_source(str(cache)), str(cache))
     characters = index_characters(folder)
     return [[path for path, _ in sorted(characters[key], key=lambda item: item[1])]

@@ -7,7 +7,7 @@ from PIL import Image
 
 from fastreid.data.data_utils import read_image
 from fastreid.data.datasets import DATASET_REGISTRY
-from leap_plugin.fastreid import omniglot
+from leap_plugin import omniglot  # the source both hosts read (the FastReID datasets: DATASET_REGISTRY)
 
 SHARED = os.path.normpath(omniglot.SHARED_ZIP)
 needs_shared = pytest.mark.skipif(not os.path.isfile(SHARED), reason=f"no Omniglot copy at {SHARED}")

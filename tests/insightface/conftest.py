@@ -29,6 +29,12 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
+import torch
+import torch.distributed as dist
+from face_fixtures import COUNTS, jpeg
+
+from leap_plugin.insightface.ms1m import write_ms1m
+from leap_plugin.insightface.recordio import IndexedRecordWriter
 
 from leap_plugin.insightface.host import locate_arcface_torch
 
@@ -154,3 +160,31 @@ def host_modules(arcface_torch, tmp_path):
                 name.split(".")[0] in ("configs", "utils", "eval"):
             del sys.modules[name]
     sys.modules.update(modules)
+
+
+@pytest.fixture(scope="module")
+def arcface(arcface_torch):
+    return arcface_torch
+
+
+@pytest.fixture
+def world1(monkeypatch):
+    """A world-1 gloo process group (single-GPU arcface_torch), torn down after the test."""
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """An MS1M-style train.rec/train.idx written by our writer, plus {payload: (key, identity)}."""
+    src = tmp_path_factory.mktemp("ms1m")
+    images = [(float(i), jpeg(i, n)) for i, count in enumerate(COUNTS) for n in range(count)]
+    with IndexedRecordWriter(src / "train.idx", src / "train.rec") as writer:
+        write_ms1m(writer, COUNTS, images)
+    (src / "lfw.bin").write_bytes(b"verification pairs")
+    (src / "property").write_text("12,112,112\n")
+    payload_of = {payload: (key, int(label)) for key, (label, payload) in enumerate(images, 1)}
+    assert len(payload_of) == len(images)
+    return src, payload_of

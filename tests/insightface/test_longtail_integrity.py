@@ -1,21 +1,18 @@
 """make_longtail_rec refuses a source it would copy wrongly: corrupt image bytes, a garbage
 ``property``, a dropped ``.idx`` line; each error names the file and key (issue 14)."""
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 
 from leap_plugin.insightface.ms1m import make_longtail_rec, write_ms1m
 from leap_plugin.insightface.recordio import IndexedRecordWriter
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_make_longtail_rec import COUNTS, _jpeg, _tool, source  # noqa: E402,F401  (fixture)
+from face_fixtures import COUNTS, jpeg, make_longtail_rec_tool
 
 
 def _source_with(tmp_path, key, payload):
     """The test source with image ``key``'s bytes replaced (the record framing stays sound)."""
-    images = [(float(i), _jpeg(i, n)) for i, count in enumerate(COUNTS) for n in range(count)]
+    images = [(float(i), jpeg(i, n)) for i, count in enumerate(COUNTS) for n in range(count)]
     images[key - 1] = (images[key - 1][0], payload(images[key - 1][1]))
     src = tmp_path / "src"
     src.mkdir()
@@ -48,7 +45,8 @@ def test_a_dropped_idx_line_names_the_key(source, tmp_path):
     shutil.copytree(source[0], src)
     lines = (src / "train.idx").read_text().splitlines(keepends=True)
     (src / "train.idx").write_text("".join(line for line in lines if not line.startswith("6\t")))
-    rc = _tool().main(["--src", str(src), "--dst", str(tmp_path / "out"), "--num-head", "12", "--no-progress"])
+    rc = make_longtail_rec_tool().main(["--src", str(src), "--dst", str(tmp_path / "out"), "--num-head", "12",
+                                        "--no-progress"])
     assert rc == 1
     with pytest.raises(ValueError, match=r"train\.idx has no line for image key 6 of identity record 1"):
         make_longtail_rec(src, tmp_path / "out", num_head=12, progress=False)

@@ -1,46 +1,18 @@
 """tools/make_longtail_rec.py and leap_plugin.insightface.ms1m on a small MS1M-style rec."""
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 
+from face_fixtures import COUNTS, make_longtail_rec_tool
+
 from leap_plugin.core.longtail import longtail_split
-from leap_plugin.insightface.ms1m import PAPER_SUBSETS, make_longtail_rec, write_ms1m
+from leap_plugin.insightface.ms1m import PAPER_SUBSETS, make_longtail_rec
 from leap_plugin.insightface.recordio import IndexedRecordReader, IndexedRecordWriter, unpack
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "make_longtail_rec.py"
-# images per identity of the synthetic source; identities 3 and 9 tie at 6 (ties: by ordinal)
-COUNTS = [4, 9, 2, 6, 20, 1, 11, 7, 3, 6, 15, 5]
-
-
-def _jpeg(identity: int, n: int) -> bytes:
-    """A small gradient JPEG, different for every (identity, image)."""
-    y, x = np.mgrid[0:10, 0:12]
-    img = np.stack([x * 20 + n, y * 25 + identity * 7, np.full_like(x, 11 * identity + 3 * n)], -1)
-    ok, buf = cv2.imencode(".jpg", (img % 256).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 90])
-    assert ok
-    return buf.tobytes()
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    """An MS1M-style train.rec/train.idx written by our writer, plus {payload: (key, identity)}."""
-    src = tmp_path_factory.mktemp("ms1m")
-    images = [(float(i), _jpeg(i, n)) for i, count in enumerate(COUNTS) for n in range(count)]
-    with IndexedRecordWriter(src / "train.idx", src / "train.rec") as writer:
-        write_ms1m(writer, COUNTS, images)
-    (src / "lfw.bin").write_bytes(b"verification pairs")
-    (src / "property").write_text("12,112,112\n")
-    payload_of = {payload: (key, int(label)) for key, (label, payload) in enumerate(images, 1)}
-    assert len(payload_of) == len(images)
-    return src, payload_of
-
-
 def _read_subset(dst):
     """(record-0 header, [(label, payload, header)], identity ranges) of an output folder."""
     with IndexedRecordReader(dst / "train.idx", dst / "train.rec") as reader:
@@ -159,13 +131,6 @@ def test_paper_subsets():
                              "H3K_T10K": (3000, 10000), "H3K_T20K": (3000, 20000)}
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("make_longtail_rec", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cli(source, tmp_path, capsys):
     src, _ = source
     args = ["--src", str(src), "--dst", str(tmp_path), "--num-head", "4", "--num-tail", "3",
@@ -174,9 +139,9 @@ def test_cli(source, tmp_path, capsys):
                           timeout=120)  # the script as a user runs it
     assert done.returncode == 0, done.stderr
     assert "config.num_classes = 7\nconfig.num_image = 61\n" in done.stdout  # 20+15+11+9 + 3*2
-    assert _tool().main(args + ["--no-progress"]) == 1  # exists: refused, no traceback
+    assert make_longtail_rec_tool().main(args + ["--no-progress"]) == 1  # exists: refused, no traceback
     assert "already exist: pass --force" in capsys.readouterr().err
-    assert _tool().main(args + ["--no-progress", "--force", "--num-head", "5"]) == 0
+    assert make_longtail_rec_tool().main(args + ["--no-progress", "--force", "--num-head", "5"]) == 0
     assert "config.num_classes = 8\nconfig.num_image = 68" in capsys.readouterr().out
 
 

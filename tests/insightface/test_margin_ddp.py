@@ -14,7 +14,6 @@ few buffers on the GPU with ``Tensor.cuda()``; the worker makes that call return
 unchanged (CPU), which is the only change: the module, its sampling and its collectives run as is.
 """
 import importlib.util
-import os
 import socket
 from datetime import timedelta
 from pathlib import Path

@@ -1,8 +1,6 @@
 """LEAPMarginLoss's statistics on train_v2's resume (real PartialFC_V2, strict load): a checkpoint of
 another memory factor, other classes or corrupt values is refused naming the config key / class;
 config.leap['reset_stats'] resumes with fresh statistics (issue 14)."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +10,7 @@ from leap_plugin.core.integrity import StatsStateError
 from leap_plugin.insightface import LEAPMarginLoss
 from leap_plugin.insightface.session import Session
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_partial_fc import _batch, _load, _train, arcface, world1  # noqa: E402,F401  (fixtures)
+from face_fixtures import load_host, train, train_batch
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::SyntaxWarning")
 COUNTS = [40, 30, 20, 5, 5, 5, 4, 5, 3]
@@ -21,7 +18,7 @@ COUNTS = [40, 30, 20, 5, 5, 5, 4, 5, 3]
 
 def _pfc(arcface, counts=COUNTS, **leap):
     loss = LEAPMarginLoss(torch.tensor(counts), 8, margin="cos", margin_value=0.35, update_every=1, **leap)
-    pfc = _load(arcface, "partial_fc_v2").PartialFC_V2(loss, 8, len(counts), 1.0, False).train()
+    pfc = load_host(arcface, "partial_fc_v2").PartialFC_V2(loss, 8, len(counts), 1.0, False).train()
     loss.attach(pfc)
     return pfc, loss
 
@@ -31,7 +28,7 @@ def saved(arcface, world1):
     """train_v2's per-rank ``state_dict_softmax_fc`` after 3 steps with P = 1."""
     torch.manual_seed(0)
     pfc, _ = _pfc(arcface)
-    _train(pfc, pfc.margin_softmax, 3, torch.optim.SGD(pfc.parameters(), lr=0.5))
+    train(pfc, pfc.margin_softmax, 3, torch.optim.SGD(pfc.parameters(), lr=0.5))
     return {k: v.clone() if torch.is_tensor(v) else v for k, v in pfc.state_dict().items()}
 
 
@@ -53,12 +50,12 @@ def test_reset_stats_resumes_the_model_with_fresh_statistics(arcface, saved):
                                   angle_reference="updated_center"))
     loss = session.build_loss(64.0, (1.0, 0.0, 0.35))
     assert loss.leap.options.reset_stats
-    pfc = _load(arcface, "partial_fc_v2").PartialFC_V2(loss, 8, len(COUNTS), 1.0, False).train()
+    pfc = load_host(arcface, "partial_fc_v2").PartialFC_V2(loss, 8, len(COUNTS), 1.0, False).train()
     loss.attach(pfc)
     pfc.load_state_dict(saved)  # strict, as train_v2
     assert torch.equal(pfc.weight, saved["weight"]) and loss.leap.step == 3
     assert loss.stats.memory_factor == 2 and int(loss.stats.num_written.sum()) == 0
-    emb, labels = _batch(3)
+    emb, labels = train_batch(3)
     pfc(emb.requires_grad_(), labels).backward()  # and it trains on
     assert int(loss.stats.num_written.sum()) == 12
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
+
+from face_fixtures import load_host, train, train_batch
 
 from leap_plugin.insightface import LEAPMarginLoss, compat
 from leap_plugin.insightface.class_counts import (class_counts_from_dataset, class_counts_from_rec,
@@ -25,56 +26,14 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::SyntaxWarning")
 
 
-@pytest.fixture(scope="module")
-def arcface(arcface_torch):
-    return arcface_torch
-
-
-@pytest.fixture
-def world1(monkeypatch):
-    """A world-1 gloo process group (single-GPU arcface_torch), torn down after the test."""
-    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-def _load(arcface, name):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(f"host_{name}", Path(arcface) / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _batch(step, classes=9, dim=8, batch=12):
-    g = torch.Generator().manual_seed(step)
-    labels = torch.randint(0, classes, (batch,), generator=g)
-    return torch.randn(batch, dim, generator=g) + 2 * torch.eye(classes, dim)[labels] * 3, labels
-
-
 def _make(arcface, sample_rate):
-    pfc_module = _load(arcface, "partial_fc_v2")
+    pfc_module = load_host(arcface, "partial_fc_v2")
     loss = LEAPMarginLoss(torch.tensor([40, 30, 20, 5, 5, 5, 4, 5, 3]), 8, margin="cos", margin_value=0.35,
                           version="vanilla", head_threshold=5, update_every=2, start_epoch=1, seed=9,
                           angle_reference="updated_center")  # every observed sample stores an angle
     pfc = pfc_module.PartialFC_V2(loss, 8, 9, sample_rate, False).train()
     loss.attach(pfc)
     return pfc, loss
-
-
-def _train(pfc, loss, steps, opt, start=0):
-    values = []
-    for step in range(start, steps):
-        loss.set_epoch(step // 3)  # as the tool's hooks do at each epoch start
-        emb, labels = _batch(step)
-        emb.requires_grad_()
-        value = pfc(emb, labels.clone())
-        opt.zero_grad()
-        value.backward()
-        opt.step()
-        values.append(value.item())
-    return values
 
 
 @pytest.mark.parametrize("sample_rate", [1.0, 0.6])
@@ -84,14 +43,14 @@ def test_checkpoint_resume_as_train_v2(arcface, world1, tmp_path, sample_rate):
     init = {k: v.clone() for k, v in pfc.state_dict().items() if k == "weight"}
     opt = torch.optim.SGD(pfc.parameters(), lr=0.5)
     torch.manual_seed(1)
-    straight = _train(pfc, loss, 6, opt)
+    straight = train(pfc, loss, 6, opt)
 
     torch.manual_seed(0)
     pfc, loss = _make(arcface, sample_rate)
     pfc.load_state_dict(init, strict=False)
     opt = torch.optim.SGD(pfc.parameters(), lr=0.5)
     torch.manual_seed(1)
-    first = _train(pfc, loss, 3, opt)
+    first = train(pfc, loss, 3, opt)
     rng = torch.get_rng_state()
     # what train_v2 saves per rank, and loads back with cfg.resume
     checkpoint = {"epoch": 1, "state_dict_softmax_fc": pfc.state_dict(), "state_optimizer": opt.state_dict()}
@@ -107,7 +66,7 @@ def test_checkpoint_resume_as_train_v2(arcface, world1, tmp_path, sample_rate):
     opt.load_state_dict(loaded["state_optimizer"])
     assert loss.leap.step == 3 and int(loss.stats.num_written.sum()) == 24  # steps 0 and 2 updated
     torch.set_rng_state(rng)
-    resumed = _train(pfc, loss, 6, opt, start=3)
+    resumed = train(pfc, loss, 6, opt, start=3)
     np.testing.assert_allclose(first + resumed, straight, rtol=1e-5)
     assert loss.leap.cloud_active and loss.leap.epoch == 1
 
@@ -118,11 +77,11 @@ def test_attach_checks_the_module(arcface, world1):
     with pytest.raises(ValueError, match="margin_softmax"):
         other.attach(pfc)
     # without attach, training raises instead of silently never updating the statistics
-    pfc_module = _load(arcface, "partial_fc_v2")
+    pfc_module = load_host(arcface, "partial_fc_v2")
     lonely = LEAPMarginLoss(torch.ones(9, dtype=torch.long) * 3, 8)
     host = pfc_module.PartialFC_V2(lonely, 8, 9, 1.0, False).train()
     with pytest.raises(RuntimeError, match="attach"):
-        host(*_batch(0))
+        host(*train_batch(0))
 
 
 # ---------------------------------------------------------------- leap_plugin.insightface.session
@@ -168,12 +127,13 @@ def test_session_wires_leap_into_the_hosts_modules(host_modules, world1, tmp_pat
     assert isinstance(margin_loss, LEAPMarginLoss)
     assert (margin_loss.margin, margin_loss.margin_value, margin_loss.scale) == ("arc", 0.5, 64.0)
     assert margin_loss.straight_through and margin_loss.leap.cloud.version == "vanilla"
-    assert (margin_loss.leap.seed, margin_loss.leap.options.start_epoch, margin_loss.leap.options.update_every) == (2048, 20, 5)
+    options = margin_loss.leap.options
+    assert (margin_loss.leap.seed, options.start_epoch, options.update_every) == (2048, 20, 5)
     module_partial_fc = ns["PartialFC_V2"](margin_loss, cfg.embedding_size, cfg.num_classes,
                                                    cfg.sample_rate, False)
     assert type(module_partial_fc).__name__ == "PartialFC_V2" and margin_loss._hook is not None
     module_partial_fc.train()
-    emb, labels = _batch(0, classes=6)
+    emb, labels = train_batch(0, classes=6)
     module_partial_fc(emb.requires_grad_(), labels).backward()
     # the face configs measure angles to the centre before the update: a first sighting sets the
     # centres of the batch's classes and stores no angle

@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from leap_plugin.insightface import LEAPMarginLoss
 from leap_plugin.insightface.host import write_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,12 +80,12 @@ def test_cloud_off_equals_the_hosts_loss_then_differs(runs):
     cosface, leap = _losses(logs["cosface"]), _losses(logs["leap"])
     assert [s for _, s, _ in cosface] == [s for _, s, _ in leap] and len(cosface) >= 4
     assert "LEAP: LEAPMarginLoss(" in logs["leap"] and "LEAPMarginLoss" not in logs["cosface"]
-    off = [(c, l) for c, l in zip(cosface, leap) if l[0] < LEAP["start_epoch"]]
-    on = [(c, l) for c, l in zip(cosface, leap) if l[0] >= LEAP["start_epoch"]]
+    off = [(c, x) for c, x in zip(cosface, leap) if x[0] < LEAP["start_epoch"]]
+    on = [(c, x) for c, x in zip(cosface, leap) if x[0] >= LEAP["start_epoch"]]
     assert off and on
-    for c, l in off:  # epoch 0: the same steps, the same loss (the cloud is off)
-        assert c[2] == pytest.approx(l[2], abs=1e-4)
-    assert any(abs(c[2] - l[2]) > 1e-3 for c, l in on)  # the cloud changes training
+    for c, x in off:  # epoch 0: the same steps, the same loss (the cloud is off)
+        assert c[2] == pytest.approx(x[2], abs=1e-4)
+    assert any(abs(c[2] - x[2]) > 1e-3 for c, x in on)  # the cloud changes training
 
 
 def test_verification_callback_runs_on_unseen_characters(runs):
