@@ -84,9 +84,9 @@ def prefill(head, chunk=4096, seed=0):
 
 def activate(head, counts):
     head.set_class_counts(counts)
-    head.set_epoch(head.start_epoch)
+    head.set_epoch(head.leap_options.start_epoch)
     prefill(head)
-    assert head.cloud_active
+    assert head.leap.cloud_active
 
 
 def identity_batch(batch, num_classes, device, gen):
