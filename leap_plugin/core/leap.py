@@ -143,17 +143,18 @@ class LEAP:
 
         leap/reference_var, leap/cloud_fraction (rows with a cloud while it is on), leap/mean_abs_alpha
         (of a block source: over its first column, B draws), leap/tail_mean_angle and
-        leap/head_mean_angle (rows with and without a cloud; from the last update step when this
-        step made none). Returns the dict.
+        leap/head_mean_angle (the mean Eq. 3 angle of the rows with and without a cloud that
+        stored one; from the last update step when this step made none). Returns the dict.
         """
         tail = std > 0
         zero = torch.zeros((), device=std.device)
         metrics = {"leap/reference_var": reference_var,
                    "leap/cloud_fraction": tail.float().mean() if alpha is not None else zero,
                    "leap/mean_abs_alpha": zero if alpha is None else _mean_abs(alpha)}
-        if angles is not None:
-            metrics["leap/tail_mean_angle"] = (angles.nan_to_num() * tail).sum() / tail.sum().clamp(min=1)
-            metrics["leap/head_mean_angle"] = (angles.nan_to_num() * ~tail).sum() / (~tail).sum().clamp(min=1)
+        if angles is not None:  # over the rows that stored an angle (NaN: ignored, a repeat, unseen)
+            measured = ~angles.isnan()
+            for name, rows in (("tail", tail & measured), ("head", ~tail & measured)):
+                metrics[f"leap/{name}_mean_angle"] = (angles.nan_to_num() * rows).sum() / rows.sum().clamp(min=1)
         else:
             nan = torch.full((), math.nan, device=std.device)
             metrics["leap/tail_mean_angle"] = self.metrics.get("leap/tail_mean_angle", nan)
