@@ -9,7 +9,8 @@ Spelling: the paper writes "center"; ``*_centre`` values (the first spelling) ar
 deprecated aliases of the ``*_center`` ones.
 """
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, make_dataclass
+from dataclasses import field as dataclass_field
 from typing import Callable, Mapping, Optional
 
 import torch
@@ -124,32 +125,13 @@ def check_head_threshold(version, head_threshold, key=lambda name: name) -> None
                          f"classes with more than T images are head (paper Section 3.4)")
 
 
-@dataclass(frozen=True)
-class LEAPOptions:
-    """One checked set of LEAP options (see ``OPTIONS`` for each one's meaning and the paper's value).
-
-    Build it with :meth:`from_mapping` (what both adapters do), or directly with keyword arguments
-    (also checked).
-    """
-    version: str = "full"
-    head_threshold: Optional[int] = None
-    memory_factor: int = 1
-    center_rate: float = 0.1
-    center_rate_weights: str = "batch_mean"
-    start_epoch: int = 0
-    update_every: int = 1
-    alpha_per_logit: bool = True
-    target_only: bool = False
-    signed_alpha: bool = True
-    min_angles: int = 2
-    angle_reference: str = "updated_center"
-    center_dtype: torch.dtype = torch.float32
-    reset_stats: bool = False
+class _Checked:
+    """What ``LEAPOptions`` adds to its fields (which ``OPTIONS`` gives): one check, and the readings."""
 
     def __post_init__(self):
         for field in fields(self):
             object.__setattr__(self, field.name, check_option(field.name, getattr(self, field.name)))
-        check_head_threshold(self.version, self.head_threshold, lambda name: name)
+        check_head_threshold(self.version, self.head_threshold)
 
     @classmethod
     def from_mapping(cls, values: Mapping, key: Callable[[str], str] = lambda name: name) -> "LEAPOptions":
@@ -176,3 +158,13 @@ class LEAPOptions:
     def angle_to_weight(self) -> bool:
         """Eq. 3's angles are measured to the classifier weight rows W_y (the host passes them)."""
         return self.angle_reference == "weight"
+
+
+# one field per option, in OPTIONS' order and with its default: the list is written once
+LEAPOptions = make_dataclass("LEAPOptions", [(o.name, object, dataclass_field(default=o.default)) for o in OPTIONS],
+                             bases=(_Checked,), frozen=True)
+LEAPOptions.__module__ = __name__
+LEAPOptions.__doc__ = """One checked set of LEAP options: a frozen dataclass with one field per entry of ``OPTIONS``
+(each one's meaning, default and allowed values are there). Build it with :meth:`from_mapping`
+(what both adapters do, so errors name the user's key), or directly with keyword arguments (also
+checked). ``center_dtype`` is stored as a torch dtype, ``head_threshold`` as an int or None."""
