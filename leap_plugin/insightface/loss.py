@@ -119,6 +119,8 @@ class LEAPMarginLoss(nn.Module):
         **options: the LEAP options, by name (``core.options.OPTIONS``: version, head_threshold,
             memory_factor, start_epoch, ...; the paper's face results, Table 6 LEAP-CV / LEAP-AV,
             use version "vanilla"), with ``FACE_DEFAULTS`` where the face recipe differs.
+        option_key: how the user wrote an option, for its errors (``name -> key``; e.g.
+            ``config.leap['name']``); default the argument name.
 
     Must be constructed after ``torch.distributed`` is initialised (as PartialFC_V2); without a
     process group it is a single-process loss over all classes. ``leap`` is the core ``LEAP``
@@ -128,7 +130,7 @@ class LEAPMarginLoss(nn.Module):
 
     def __init__(self, class_counts, embedding_size: int, margin: str = "arc", scale: float = 64.0,
                  margin_value: float = 0.5, seed: int = 0, straight_through: bool = False,
-                 interclass_filtering_threshold: float = 0.0, inplace: bool = True, **options):
+                 interclass_filtering_threshold: float = 0.0, inplace: bool = True, option_key=None, **options):
         super().__init__()
         check_margin(margin, scale, margin_value)
         if not 0.0 <= float(interclass_filtering_threshold) <= 1.0:
@@ -147,8 +149,8 @@ class LEAPMarginLoss(nn.Module):
                              f"{self.world_size}: rank {self.rank} holds no class")
         self.embedding_size = int(embedding_size)
         block = counts[self.class_start: self.class_start + self.num_local]
-        self.leap = LEAP(block, self.embedding_size, LEAPOptions.from_mapping({**FACE_DEFAULTS, **options}),
-                         sync=False, seed=seed)
+        leap_options = LEAPOptions.from_mapping({**FACE_DEFAULTS, **options}, key=option_key or (lambda name: name))
+        self.leap = LEAP(block, self.embedding_size, leap_options, sync=False, seed=seed)
         self.stats = self.leap.stats  # a submodule: margin_softmax.stats.* in train_v2's checkpoints
         self.observed = None  # Observed by observe(), consumed by forward()
         self.last_metrics = {}

@@ -21,8 +21,8 @@ import logging
 import weakref
 
 from .class_counts import class_counts_from_dataset, class_counts_from_rec, read_class_counts
-from ..core.options import OPTIONS, LEAPOptions
-from .loss import FACE_DEFAULTS, LEAPMarginLoss
+from ..core.options import OPTIONS
+from .loss import LEAPMarginLoss
 from .schedule import triangular_scheduler
 
 __all__ = ["LEAP_KEYS", "Session"]
@@ -116,10 +116,6 @@ class Session:
         cfg = self.cfg
         counts = self._class_counts()
         options = {k: v for k, v in cfg.leap.items() if k != "class_counts"}
-        # checked here so that an error names the config key (the loss checks the same values)
-        leap = LEAPOptions.from_mapping({**FACE_DEFAULTS, **{k: v for k, v in options.items()
-                                                             if k not in FACE_ONLY_KEYS}},
-                                        key=lambda name: f"config.leap[{name!r}]")
         empty = int((counts <= 0).sum())
         if empty:
             logging.warning("LEAP: %d classes have no training image (counted as 1)", empty)
@@ -127,7 +123,8 @@ class Session:
         options.setdefault("seed", int(cfg.get("seed", 0) or 0))
         loss = LEAPMarginLoss.from_margin_list(margin_list, scale, counts, cfg.embedding_size,
                                                interclass_filtering_threshold=interclass_filtering_threshold,
-                                               **options)
+                                               option_key=lambda name: f"config.leap[{name!r}]", **options)
+        leap = loss.leap.options
         if leap.start_epoch >= int(cfg.get("num_epoch") or 0) > 0:
             logging.warning("LEAP: config.leap['start_epoch'] %d >= config.num_epoch %d: the feature cloud "
                             "never switches on", leap.start_epoch, cfg.num_epoch)

@@ -267,3 +267,15 @@ def test_session_without_class_counts_says_how_to_give_them(tmp_path):
         session.cfg = edict(leap={}, rec=rec, num_classes=3, embedding_size=4)
         with pytest.raises(ValueError, match=r"config.leap\['class_counts'\].*config.rec = "):
             session.build_loss(64, (1.0, 0.0, 0.35))
+
+
+def test_session_option_errors_name_the_config_key():
+    from easydict import EasyDict as edict
+    session = Session()
+    session.cfg = edict(leap={"class_counts": [4, 4, 2], "memory_factor": 0}, rec="", num_classes=3,
+                        embedding_size=4)
+    with pytest.raises(ValueError, match=r"config\.leap\['memory_factor'\]=0 is invalid: expected an integer >= 1"):
+        session.build_loss(64, (1.0, 0.0, 0.35))
+    session.cfg.leap = {"class_counts": [4, 4, 2], "version": "vanilla"}
+    with pytest.raises(ValueError, match=r"config\.leap\['head_threshold'\] must be set .* config\.leap\['version'\]"):
+        session.build_loss(64, (1.0, 0.0, 0.35))
