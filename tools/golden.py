@@ -8,9 +8,10 @@
 Recorded: the angular statistics (every buffer and the returned angles, all readings of Eq. 3 /
 Eq. 4, with and without a reference), alpha draws (torch RNG and keyed), the margin logits of
 Eq. 7 / 8 and their gradients, the InsightFace loss's losses and gradients over a few steps inside
-arcface_torch's real ``PartialFC_V2`` (needs ``--insightface-root`` or ``$INSIGHTFACE_ROOT``;
-skipped otherwise), and a short FastReID run's training log values and final metrics
-(``tools/train_net.py`` on the Omniglot long-tailed split, CPU, 3 epochs). ``compare`` exits 1
+arcface_torch's real ``PartialFC_V2`` (found as the face tools find it,
+``leap_plugin.insightface.host.locate_arcface_torch``; skipped, saying so, otherwise), and a short
+FastReID run's training log values and final metrics (``tools/train_net.py`` on the Omniglot
+long-tailed split, CPU, 3 epochs). ``compare`` exits 1
 unless every entry of the first file exists in the second and is bitwise equal.
 """
 import argparse
@@ -94,21 +95,15 @@ def keyed_outputs(out):
     out["keyed/column"] = keyed_normal(2 ** 40 + 7, torch.arange(3, 11))
 
 
-def face_outputs(out, insightface_root):
-    arcface = None
-    for candidate in (Path(insightface_root), Path(insightface_root) / "recognition" / "arcface_torch"):
-        if (candidate / "partial_fc_v2.py").is_file():
-            arcface = candidate
-    if arcface is None:
-        raise SystemExit(f"no arcface_torch (partial_fc_v2.py) under {insightface_root}")
-    sys.path.insert(0, str(arcface))
-    from partial_fc_v2 import PartialFC_V2
+def face_outputs(out, arcface):
+    from leap_plugin.insightface import LEAPMarginLoss, compat
 
-    from leap_plugin.insightface import LEAPMarginLoss
+    sys.path.insert(0, str(arcface))
+    compat.apply()  # the host on this machine (CPU: PartialFC_V2's .cuda() calls stay on the CPU)
+    from partial_fc_v2 import PartialFC_V2
     if not torch.distributed.is_initialized():  # PartialFC_V2 needs a process group: one gloo rank
         store = torch.distributed.HashStore()
         torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # PartialFC_V2 moves a few buffers to CUDA
     cases = {"cv": dict(margin_list=(1.0, 0.0, 0.35), version="vanilla", head_threshold=4),
              "af_st": dict(margin_list=(1.0, 0.5, 0.0), straight_through=True),
              "af_weight": dict(margin_list=(1.0, 0.5, 0.0), angle_reference="weight", update_every=1),
@@ -170,8 +165,11 @@ def record(path, insightface_root, skip_fastreid):
     cloud_outputs(out)
     logits_outputs(out)
     keyed_outputs(out)
-    if insightface_root:
-        face_outputs(out, insightface_root)
+    from leap_plugin.insightface.host import locate_arcface_torch
+    try:
+        face_outputs(out, locate_arcface_torch(insightface_root))
+    except FileNotFoundError as error:
+        print(f"face loss not recorded: {error}")
     if not skip_fastreid:
         fastreid_outputs(out)
     torch.save(out, path)
@@ -201,7 +199,8 @@ def main():
     sub = parser.add_subparsers(dest="command", required=True)
     rec = sub.add_parser("record")
     rec.add_argument("path")
-    rec.add_argument("--insightface-root", default=os.environ.get("INSIGHTFACE_ROOT", ""))
+    rec.add_argument("--insightface-root", help="arcface_torch or an insightface checkout (default: "
+                                                "$INSIGHTFACE_ROOT, else ~/.cache/leap-plugin/insightface)")
     rec.add_argument("--skip-fastreid", action="store_true")
     cmp = sub.add_parser("compare")
     cmp.add_argument("before")
