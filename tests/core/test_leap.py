@@ -9,11 +9,14 @@ import torch
 from leap_plugin.core import LEAP, OPTIONS, AngularStats, FeatureCloud, LEAPOptions
 
 
-def test_options_default_to_the_option_list_and_convert():
-    options = LEAPOptions()
-    assert {o.name: getattr(options, o.name) for o in OPTIONS if o.name != "center_dtype"} == \
-        {o.name: o.default for o in OPTIONS if o.name != "center_dtype"}
-    assert options.center_dtype is torch.float32 and options.angles_to == "updated_center"
+def test_options_defaults_and_conversion():
+    options = LEAPOptions()  # the paper's values where it gives one (README "Options")
+    assert {o.name: getattr(options, o.name) for o in OPTIONS} == {
+        "version": "full", "head_threshold": None, "memory_factor": 1, "center_rate": 0.1,
+        "center_rate_weights": "batch_mean", "start_epoch": 0, "update_every": 1, "alpha_per_logit": True,
+        "target_only": False, "signed_alpha": True, "min_angles": 2, "angle_reference": "updated_center",
+        "center_dtype": torch.float32, "reset_stats": False}
+    assert options.angles_to == "updated_center"
     checked = LEAPOptions.from_mapping({"memory_factor": 2.0, "center_dtype": "bfloat16", "head_threshold": 5,
                                         "version": "vanilla", "angle_reference": "weight"})
     assert checked.memory_factor == 2 and isinstance(checked.memory_factor, int)
